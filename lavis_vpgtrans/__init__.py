@@ -1,0 +1,1 @@
+"""lavis-vpgtrans: VPGTrans and P-Former as a LAVIS plugin."""

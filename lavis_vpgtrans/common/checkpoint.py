@@ -1,0 +1,145 @@
+"""Checkpoint files: safe loading, atomic writing, and state-dict loads that report every key.
+
+Formats read: LAVIS `.pth` files ({"model": state_dict, ...} or a bare state dict), read with
+`torch.load(weights_only=True)` so no arbitrary pickle runs, and `.safetensors` files (their
+string metadata is returned under "metadata"). URLs go through LAVIS's download cache.
+"""
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint does not fit the model: the message names the file and the keys."""
+
+
+def _local_path(url_or_path: str) -> str:
+    from lavis.common.utils import is_url
+
+    if is_url(url_or_path):
+        from lavis.common.dist_utils import download_cached_file
+
+        return download_cached_file(url_or_path, check_hash=False, progress=True)
+    if not os.path.isfile(url_or_path):
+        raise FileNotFoundError(f"checkpoint not found: {url_or_path}")
+    return url_or_path
+
+
+def load_checkpoint_file(url_or_path: str) -> Dict:
+    """Returns the checkpoint as a dict with at least "model" (the state dict)."""
+    path = _local_path(url_or_path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+            meta = f.metadata() or {}
+        return {"model": state, "metadata": {k: _maybe_json(v) for k, v in meta.items()}}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled objects other than tensors/containers
+        raise CheckpointError(f"{path}: cannot be read as a safe (weights-only) checkpoint: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, got {type(obj).__name__}")
+    if "model" not in obj:
+        obj = {"model": obj}
+    if not isinstance(obj["model"], dict):
+        raise CheckpointError(f"{path}: 'model' is not a state dict")
+    return obj
+
+
+def _maybe_json(value: str):
+    try:
+        return json.loads(value)
+    except (TypeError, ValueError):
+        return value
+
+
+def save_checkpoint_atomic(obj: Dict, path: str) -> None:
+    """torch.save to a temporary file in the same directory, then rename: a crash mid-write
+    never leaves a truncated file under `path`."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@dataclass
+class LoadReport:
+    source: str
+    loaded: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+
+    def log(self, what: str) -> None:
+        logger.info(
+            "%s from %s: %d keys loaded, %d missing, %d unexpected, %d dropped by design",
+            what, self.source, len(self.loaded), len(self.missing), len(self.unexpected), len(self.dropped))
+        for name, keys in (("missing", self.missing), ("unexpected", self.unexpected),
+                           ("dropped by design", self.dropped)):
+            if keys:
+                logger.info("  %s: %s", name, _summarise(keys))
+
+
+def _summarise(keys: List[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_state_with_report(
+    module: torch.nn.Module,
+    state_dict: Dict[str, torch.Tensor],
+    source: str,
+    *,
+    keep: Callable[[str], bool] = lambda k: True,
+    drop: Callable[[str], bool] = lambda k: False,
+    required: Iterable[str] = (),
+) -> LoadReport:
+    """Loads the entries of `state_dict` that `keep` selects into `module`.
+
+    - keys that `drop` matches are skipped and reported as dropped by design;
+    - kept keys the module does not have are an error (unexpected);
+    - a shape mismatch is an error naming the key and both shapes;
+    - `required` module keys absent from the file are an error (missing).
+    The module's other keys keep their values. Nothing is loaded unless all checks pass.
+    """
+    own = module.state_dict()
+    report = LoadReport(source=source)
+    to_load = {}
+    for key, value in state_dict.items():
+        if drop(key) or not keep(key):
+            report.dropped.append(key)
+            continue
+        if key not in own:
+            report.unexpected.append(key)
+            continue
+        if tuple(own[key].shape) != tuple(value.shape):
+            raise CheckpointError(
+                f"{source}: shape mismatch for '{key}': checkpoint has {tuple(value.shape)}, "
+                f"model has {tuple(own[key].shape)}")
+        to_load[key] = value
+    report.missing = [k for k in required if k not in to_load]
+    if report.unexpected:
+        raise CheckpointError(f"{source}: unexpected keys not in the model: {_summarise(report.unexpected)}")
+    if report.missing:
+        raise CheckpointError(f"{source}: missing keys: {_summarise(report.missing)}")
+    with torch.no_grad():
+        for key, value in to_load.items():
+            own[key].copy_(value.to(own[key].dtype))
+    report.loaded = sorted(to_load)
+    return report

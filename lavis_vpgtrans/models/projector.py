@@ -1,0 +1,33 @@
+"""Which state-dict prefix holds a model's projector (the Q-Former -> LLM linear layer).
+
+Our classes declare it as the class attribute `projector_name`; LAVIS's own BLIP-2 classes
+predate that, so their names are listed here. Checkpoints of both are read by these names,
+never by guessing from substrings.
+"""
+
+from lavis.common.registry import registry
+
+LAVIS_PROJECTOR_NAMES = {"blip2_opt": "opt_proj", "blip2_t5": "t5_proj"}
+
+
+def projector_name_of(arch: str) -> str:
+    """The projector prefix of a registered model architecture, e.g. 'blip2_llama' -> 'llama_proj'."""
+    if arch in LAVIS_PROJECTOR_NAMES:
+        return LAVIS_PROJECTOR_NAMES[arch]
+    cls = registry.get_model_class(arch)
+    if cls is None:
+        raise KeyError(f"unknown model architecture {arch!r}; registered: {sorted(registry.list_models())}")
+    name = getattr(cls, "projector_name", None)
+    if name is None:
+        raise KeyError(f"model architecture {arch!r} has no projector")
+    return name
+
+
+def known_projector_names() -> set:
+    """Every projector prefix a registered BLIP-2-style model uses."""
+    names = set(LAVIS_PROJECTOR_NAMES.values())
+    for arch in registry.list_models():
+        name = getattr(registry.get_model_class(arch), "projector_name", None)
+        if name:
+            names.add(name)
+    return names

@@ -1,1 +1,20 @@
-"""lavis-vpgtrans: VPGTrans and P-Former as a LAVIS plugin."""
+"""lavis-vpgtrans: VPGTrans and P-Former as a LAVIS plugin.
+
+Importing this package imports LAVIS (and the parts `import lavis` leaves out: runners and
+lr schedulers), repoints LAVIS's cache root away from /export/..., and registers this
+plugin's models, builders, tasks and runners in LAVIS's registry.
+"""
+
+import os
+
+import lavis  # noqa: F401  registers LAVIS's models, builders, processors and tasks
+import lavis.common.optims  # noqa: F401  registers the lr schedulers
+import lavis.runners  # noqa: F401  registers runner_base / runner_iter
+from lavis.common.registry import registry
+
+# LAVIS 1.0.2 registers <site-packages>/../export/home/.cache/lavis as cache_root.
+if "/export/" in registry.get_path("cache_root"):
+    registry.mapping["paths"]["cache_root"] = os.environ.get(
+        "LAVIS_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "lavis"))
+
+from lavis_vpgtrans.datasets import builders  # noqa: E402,F401

@@ -18,3 +18,4 @@ if "/export/" in registry.get_path("cache_root"):
         "LAVIS_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "lavis"))
 
 from lavis_vpgtrans.datasets import builders  # noqa: E402,F401
+from lavis_vpgtrans import models  # noqa: E402,F401

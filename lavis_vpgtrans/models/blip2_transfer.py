@@ -1,0 +1,77 @@
+"""The registered transfer models: thin subclasses of Blip2VLLLM.
+
+Each names its projector as LAVIS and the released VPGTrans checkpoints do, and lists its
+model types (default yamls under models/configs/<family>/). Everything else is shared.
+"""
+
+from lavis.common.registry import registry
+
+from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
+
+
+@registry.register_model("blip2_opt_transfer")
+class Blip2OPTTransfer(Blip2VLLLM):
+    """BLIP-2 with an OPT LLM, as source or target of a VPG transfer.
+
+    >>> from lavis.models import load_model
+    >>> model = load_model("blip2_opt_transfer", "opt6.7b")
+    """
+
+    projector_name = "opt_proj"
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        # ViT-L + BLIP-2 stage-1 Q-Former: the paper's exploration models (section 4, 5)
+        "vitL_opt125m": "models/configs/opt/vitL_opt125m.yaml",
+        "vitL_opt350m": "models/configs/opt/vitL_opt350m.yaml",
+        "vitL_opt1.3b": "models/configs/opt/vitL_opt1.3b.yaml",
+        "vitL_opt2.7b": "models/configs/opt/vitL_opt2.7b.yaml",
+        # ViT-g + BLIP-2 stage-1 Q-Former, random projector (train from scratch)
+        "opt2.7b": "models/configs/opt/opt2.7b.yaml",
+        "opt6.7b": "models/configs/opt/opt6.7b.yaml",
+        # the released BLIP-2 models (VPG + projector): sources of the scale-up transfers
+        "pretrain_opt2.7b": "models/configs/opt/pretrain_opt2.7b.yaml",
+        "pretrain_opt6.7b": "models/configs/opt/pretrain_opt6.7b.yaml",
+        # offline toy zoo
+        "tiny_opt_small": "models/configs/opt/tiny_opt_small.yaml",
+        "tiny_opt_large": "models/configs/opt/tiny_opt_large.yaml",
+    }
+
+
+@registry.register_model("blip2_t5_transfer")
+class Blip2T5Transfer(Blip2VLLLM):
+    """BLIP-2 with a Flan-T5 LLM (encoder-decoder; prefix-LM training on text_input/text_output)."""
+
+    projector_name = "t5_proj"
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "vitL_flant5base": "models/configs/t5/vitL_flant5base.yaml",
+        "vitL_flant5large": "models/configs/t5/vitL_flant5large.yaml",
+        "vitL_flant5xl": "models/configs/t5/vitL_flant5xl.yaml",
+        "flant5xl": "models/configs/t5/flant5xl.yaml",
+        "flant5xxl": "models/configs/t5/flant5xxl.yaml",
+        "pretrain_flant5xl": "models/configs/t5/pretrain_flant5xl.yaml",
+        "pretrain_flant5xxl": "models/configs/t5/pretrain_flant5xxl.yaml",
+        "tiny_t5": "models/configs/t5/tiny_t5.yaml",
+    }
+
+
+@registry.register_model("blip2_llama")
+class Blip2LLaMA(Blip2VLLLM):
+    """VL-LLaMA: BLIP-2 with a LLaMA LLM (VPG transferred from BLIP-2 OPT-6.7B)."""
+
+    projector_name = "llama_proj"
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "llama7b": "models/configs/llama/llama7b.yaml",
+        "vl_llama7b": "models/configs/llama/vl_llama7b.yaml",
+        "tiny_llama": "models/configs/llama/tiny_llama.yaml",
+    }
+
+
+@registry.register_model("blip2_vicuna")
+@registry.register_model("blip2_vicuna_vpgtrans")
+class Blip2Vicuna(Blip2LLaMA):
+    """VL-Vicuna: BLIP-2 with a Vicuna LLM, the paper's multimodal chatbot."""
+
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "vicuna7b": "models/configs/vicuna/vicuna7b.yaml",
+        "vl_vicuna7b": "models/configs/vicuna/vl_vicuna7b.yaml",
+        "tiny_vicuna": "models/configs/vicuna/tiny_vicuna.yaml",
+    }

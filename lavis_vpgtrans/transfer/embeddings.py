@@ -71,7 +71,7 @@ class _ModelFiles:
         self.source = name_or_path
         self.revision = revision
         self.local = os.path.isdir(name_or_path)
-        if not self.local and _looks_like_path(name_or_path):
+        if not self.local and looks_like_path(name_or_path):
             raise TransferError(f"model directory not found: {name_or_path}")
 
     def get(self, filename: str) -> Optional[str]:
@@ -101,7 +101,7 @@ class _ModelFiles:
         return path
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     # Hub ids are "name" or "org/name"; anything else that does not exist is a missing path.
     return name.startswith((os.sep, ".", "~")) or name.count("/") > 1 or os.path.exists(name)
 
@@ -170,60 +170,64 @@ def embedding_key(names: List[str], config: Dict, source: str) -> str:
         f"Name it explicitly (--src-embedding-key / --tgt-embedding-key).")
 
 
+@dataclass
+class _Located:
+    key: str
+    path: str  # the file holding the tensor (one shard of a sharded model)
+
+
+def _locate(name_or_path: str, key: Optional[str], revision: Optional[str]) -> _Located:
+    files = _ModelFiles(name_or_path, revision)
+    layout, layout_path = _weights_layout(files)
+    names = _tensor_names(layout, layout_path)
+    if key is None:
+        key = embedding_key(list(names), read_config(files), name_or_path)
+    elif key not in names:
+        raise TransferError(f"tensor {key!r} not found in the weights of {name_or_path!r} "
+                            f"({_where(name_or_path, layout)})")
+    shard = names[key]
+    return _Located(key, layout_path if shard == layout else files.require(shard))
+
+
 def load_input_embeddings(name_or_path: str, key: Optional[str] = None,
                           revision: Optional[str] = None) -> EmbeddingMatrix:
     """The input word-embedding matrix of an LLM, read alone from its weight files.
 
     `key` overrides the tensor name; by default it follows config.json's `model_type`.
     """
-    files = _ModelFiles(name_or_path, revision)
-    layout, layout_path = _weights_layout(files)
-    names = _tensor_names(layout, layout_path)
-    if key is None:
-        key = embedding_key(list(names), read_config(files), name_or_path)
-    elif key not in names:
-        raise TransferError(f"tensor {key!r} not found in the weights of {name_or_path!r} "
-                            f"({_where(name_or_path, layout)})")
-    shard = names[key]
-    path = layout_path if shard == layout else files.require(shard)
-    if shard.endswith(".safetensors"):
+    loc = _locate(name_or_path, key, revision)
+    if loc.path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            weight = f.get_tensor(key)
+        with safe_open(loc.path, framework="pt") as f:
+            weight = f.get_tensor(loc.key)
     else:
-        state = _load_bin(path)
+        state = _load_bin(loc.path)
         # clone: detaches the one matrix from the memory map of the whole file
-        weight = state[key].clone()
+        weight = state[loc.key].clone()
         del state
-    if weight.dim() != 2:
-        raise TransferError(f"{path}: tensor {key!r} has shape {tuple(weight.shape)}, not (vocab, hidden)")
-    logger.info("%s: input embeddings %r %s %s from %s", name_or_path, key, tuple(weight.shape),
-                weight.dtype, path)
-    return EmbeddingMatrix(weight=weight, key=key, file=path, source=name_or_path)
+    _check_2d(tuple(weight.shape), loc)
+    logger.info("%s: input embeddings %r %s %s from %s", name_or_path, loc.key, tuple(weight.shape),
+                weight.dtype, loc.path)
+    return EmbeddingMatrix(weight=weight, key=loc.key, file=loc.path, source=name_or_path)
 
 
 def embedding_shape(name_or_path: str, key: Optional[str] = None,
                     revision: Optional[str] = None) -> Tuple[int, int]:
-    """(rows, hidden) of the input embeddings, read from headers only (safetensors) so that
-    inputs can be checked before anything large is loaded."""
-    files = _ModelFiles(name_or_path, revision)
-    layout, layout_path = _weights_layout(files)
-    names = _tensor_names(layout, layout_path)
-    if key is None:
-        key = embedding_key(list(names), read_config(files), name_or_path)
-    elif key not in names:
-        raise TransferError(f"tensor {key!r} not found in the weights of {name_or_path!r} "
-                            f"({_where(name_or_path, layout)})")
-    shard = names[key]
-    path = layout_path if shard == layout else files.require(shard)
-    if shard.endswith(".safetensors"):
+    """(rows, hidden) of the input embeddings, read from the file header (safetensors) or a
+    memory map (.bin), so that inputs can be checked before anything large is loaded."""
+    loc = _locate(name_or_path, key, revision)
+    if loc.path.endswith(".safetensors"):
         from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as f:
-            shape = tuple(f.get_slice(key).get_shape())
+        with safe_open(loc.path, framework="pt") as f:
+            shape = tuple(f.get_slice(loc.key).get_shape())
     else:
-        shape = tuple(_load_bin(path)[key].shape)
-    if len(shape) != 2:
-        raise TransferError(f"{path}: tensor {key!r} has shape {shape}, not (vocab, hidden)")
+        shape = tuple(_load_bin(loc.path)[loc.key].shape)
+    _check_2d(shape, loc)
     return shape
+
+
+def _check_2d(shape, loc: _Located) -> None:
+    if len(shape) != 2:
+        raise TransferError(f"{loc.path}: tensor {loc.key!r} has shape {shape}, not (vocab, hidden)")

@@ -1,0 +1,83 @@
+"""The entry points behind train.py and evaluate.py: LAVIS's flow with the plugin loaded.
+
+    parse config -> init torch.distributed (gloo on CPU, nccl on GPU) -> seeds -> logger
+    -> task -> datasets -> model -> runner.train() / runner.evaluate()
+"""
+
+import argparse
+import logging
+import random
+from datetime import datetime
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lavis_vpgtrans  # noqa: F401  registers LAVIS and the plugin before the config is parsed
+import lavis.tasks as tasks
+from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
+from lavis.common.logger import setup_logger
+from lavis.common.registry import registry
+
+from lavis_vpgtrans.common.config import PluginConfig
+from lavis_vpgtrans.common.dist import init_distributed_mode
+
+DEFAULT_RUNNER = "runner_vpgtrans_base"
+
+
+def parse_args(argv, description, with_ckpt=False):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cfg-path", required=True, help="path to the configuration yaml")
+    parser.add_argument("--options", nargs="+", default=None,
+                        help="override config entries, e.g. model.llm_model=/models/opt-6.7b run.device=cpu")
+    if with_ckpt:
+        parser.add_argument("--ckpt", default=None,
+                            help="a trained checkpoint to evaluate (sets model.finetuned, load_finetuned)")
+    return parser.parse_args(argv)
+
+
+def setup_seeds(cfg):
+    seed = int(cfg.run_cfg.seed) + get_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_job_id(cfg) -> str:
+    """run.job_id if set, else a timestamp agreed by all ranks (they may straddle a second)."""
+    job_id = cfg.run_cfg.get("job_id", None) or datetime.now().strftime("%Y%m%d%H%M%S")
+    if is_dist_avail_and_initialized():
+        holder = [job_id]
+        dist.broadcast_object_list(holder, src=0)
+        job_id = holder[0]
+    return str(job_id)
+
+
+def build(argv, description, evaluate):
+    args = parse_args(argv, description, with_ckpt=evaluate)
+    if evaluate:
+        options = list(args.options or []) + ["run.evaluate=True"]
+        if args.ckpt:
+            options += ["model.load_finetuned=True", f"model.finetuned={args.ckpt}"]
+        args.options = options
+    cfg = PluginConfig(args)
+    init_distributed_mode(cfg.run_cfg)
+    setup_seeds(cfg)
+    setup_logger()
+    cfg.pretty_print()
+    job_id = make_job_id(cfg)
+    task = tasks.setup_task(cfg)
+    datasets = task.build_datasets(cfg)
+    model = task.build_model(cfg)
+    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", DEFAULT_RUNNER))
+    runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
+    logging.info("output dir: %s", runner.output_dir)
+    return runner
+
+
+def train_main(argv=None):
+    build(argv, "Train a model with LAVIS's loop (lavis-vpgtrans).", evaluate=False).train()
+
+
+def evaluate_main(argv=None):
+    build(argv, "Evaluate a model with LAVIS's loop (lavis-vpgtrans).", evaluate=True).evaluate(skip_reload=True)

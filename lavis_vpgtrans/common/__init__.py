@@ -1,0 +1,1 @@
+"""Shared utilities: checkpoints, distributed setup, config, LAVIS fixes."""

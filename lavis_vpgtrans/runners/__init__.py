@@ -1,0 +1,1 @@
+"""Runners registered with LAVIS."""

@@ -1,0 +1,212 @@
+"""LAVIS's RunnerBase, made to run on CPU, single-process and under torchrun with gloo.
+
+Fixes, each where LAVIS 1.0.2 breaks:
+  - `model` returned None when the model was already on its device (e.g. device: cpu);
+  - dist.barrier() ran unguarded after every epoch (crashes without a process group);
+  - the prefetch loader created a CUDA stream even on CPU;
+  - evaluation moved samples to CUDA (`cuda_enabled=True` hard-coded);
+  - relative output_dir landed inside site-packages/lavis, and a second runner in one
+    process died re-registering its paths;
+  - checkpoints leaked tied / frozen weights and buffers, were written non-atomically, and
+    were read back with pickle and a silent strict=False fallback.
+"""
+
+import datetime
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import webdataset as wds
+from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, main_process
+from lavis.common.registry import registry
+from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
+from lavis.runners.runner_base import RunnerBase
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data.dataset import ChainDataset
+
+from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_state_with_report,
+                                              save_checkpoint_atomic)
+
+
+@registry.register_runner("runner_vpgtrans_base")
+class PortableRunner(RunnerBase):
+    """Epoch-based training and evaluation with LAVIS's loop, on any device."""
+
+    # ------------------------------------------------------------------ setup
+
+    def setup_output_dir(self):
+        output_dir = Path(self.config.run_cfg.output_dir).expanduser()
+        if not output_dir.is_absolute():
+            output_dir = Path.cwd() / output_dir
+        output_dir = output_dir / self.job_id
+        result_dir = output_dir / "result"
+        result_dir.mkdir(parents=True, exist_ok=True)
+        # Direct assignment: registry.register_path refuses to overwrite, so a second runner
+        # in the same process (tests, notebooks) would fail.
+        registry.mapping["paths"]["result_dir"] = str(result_dir)
+        registry.mapping["paths"]["output_dir"] = str(output_dir)
+        self.result_dir = result_dir
+        self.output_dir = output_dir
+
+    @property
+    def model(self):
+        """The model on its device, wrapped in DDP when distributed."""
+        if self._model.device != self.device:
+            self._model = self._model.to(self.device)
+        if self._wrapped_model is None:
+            if self.use_distributed:
+                device_ids = [self.config.run_cfg.gpu] if self.cuda_enabled else None
+                self._wrapped_model = DDP(self._model, device_ids=device_ids)
+            else:
+                self._wrapped_model = self._model
+        return self._wrapped_model
+
+    @property
+    def scaler(self):
+        # GradScaler is for CUDA fp16; on CPU amp is a no-op.
+        if self.config.run_cfg.get("amp", False) and self.cuda_enabled and self._scaler is None:
+            self._scaler = torch.cuda.amp.GradScaler()
+        return self._scaler
+
+    # ------------------------------------------------------------------ loop
+
+    def train(self):
+        start_time = time.time()
+        best_agg_metric, best_epoch = -math.inf, 0
+        self.log_config()
+        if not self.evaluate_only and self.resume_ckpt_path is not None:
+            self._load_checkpoint(self.resume_ckpt_path)
+
+        cur_epoch = self.start_epoch
+        for cur_epoch in range(self.start_epoch, self.max_epoch):
+            if not self.evaluate_only:
+                logging.info("Start training epoch %d", cur_epoch)
+                self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                self._save_checkpoint(cur_epoch, is_best=False)
+
+            for split_name in self.valid_splits:
+                logging.info("Evaluating on %s.", split_name)
+                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+                if val_log is None:  # non-main ranks: metrics are computed on rank 0
+                    continue
+                agg_metrics = val_log["agg_metrics"]
+                if split_name == self.valid_splits[0] and agg_metrics > best_agg_metric:
+                    best_epoch, best_agg_metric = cur_epoch, agg_metrics
+                    if not self.evaluate_only:
+                        self._save_checkpoint(cur_epoch, is_best=True)
+                val_log.update({"best_epoch": best_epoch, "epoch": cur_epoch})
+                self.log_stats(val_log, split_name)
+
+            if self.evaluate_only:
+                break
+            if is_dist_avail_and_initialized():
+                dist.barrier()
+
+        test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
+        self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
+        logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    def evaluate(self, cur_epoch="best", skip_reload=False):
+        test_logs = {}
+        for split_name in self.test_splits:
+            test_logs[split_name] = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch,
+                                                    skip_reload=skip_reload)
+            if test_logs[split_name] is not None:
+                self.log_stats({**test_logs[split_name], "epoch": cur_epoch}, f"test_{split_name}")
+        return test_logs
+
+    @torch.no_grad()
+    def eval_epoch(self, split_name, cur_epoch, skip_reload=False):
+        data_loader = self.dataloaders.get(split_name, None)
+        if data_loader is None:
+            raise KeyError(f"no data loader for split {split_name!r}; have {sorted(self.dataloaders)}")
+        model = self.unwrap_dist_model(self.model)
+        if not skip_reload and cur_epoch == "best":
+            model = self._reload_best_model(model)
+        model.eval()
+        self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
+        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+        if results is None:
+            return None
+        return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
+
+    # ------------------------------------------------------------------ data
+
+    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns,
+                       dataset_ratios=None):
+        """LAVIS's loader construction; the CUDA prefetcher only when running on CUDA."""
+
+        def _create_loader(dataset, bsz, is_train, collate_fn):
+            if isinstance(dataset, (ChainDataset, wds.DataPipeline)):
+                # webdataset pipelines shard, shuffle and collate themselves
+                return iter(DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
+                                       pin_memory=self.cuda_enabled))
+            sampler = None
+            if self.use_distributed and (is_train or self.use_dist_eval_sampler):
+                sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(),
+                                             rank=get_rank())
+            loader = DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
+                                pin_memory=self.cuda_enabled, sampler=sampler,
+                                shuffle=sampler is None and is_train, collate_fn=collate_fn,
+                                drop_last=is_train)
+            if self.cuda_enabled:
+                loader = PrefetchLoader(loader)
+            if is_train:
+                loader = IterLoader(loader, use_distributed=self.use_distributed)
+            return loader
+
+        loaders = []
+        for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
+            if isinstance(dataset, (list, tuple)):
+                loaders.append(MultiIterLoader(
+                    loaders=[_create_loader(d, bsz, is_train, collate_fn[i]) for i, d in enumerate(dataset)],
+                    ratios=dataset_ratios))
+            else:
+                loaders.append(_create_loader(dataset, bsz, is_train, collate_fn))
+        return loaders
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trainable_state_dict(self):
+        """Trainable parameters only: no frozen ViT / LLM, no buffers, no tied copies."""
+        model = self.unwrap_dist_model(self.model)
+        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+    @main_process
+    def _save_checkpoint(self, cur_epoch, is_best=False):
+        save_obj = {
+            "model": self.trainable_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "config": self.config.to_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": cur_epoch,
+        }
+        save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
+        logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
+        save_checkpoint_atomic(save_obj, save_to)
+
+    def _load_trainable(self, model, checkpoint, source):
+        """Every key must fit the model and every trainable parameter must be there."""
+        required = [n for n, p in model.named_parameters() if p.requires_grad]
+        load_state_with_report(model, checkpoint["model"], source, required=required).log("checkpoint")
+
+    def _reload_best_model(self, model):
+        checkpoint_path = os.path.join(self.output_dir, "checkpoint_best.pth")
+        logging.info("Loading checkpoint from %s.", checkpoint_path)
+        self._load_trainable(model, load_checkpoint_file(checkpoint_path), checkpoint_path)
+        return model
+
+    def _load_checkpoint(self, url_or_filename):
+        """Resume: model (trainable part), optimizer, scaler and epoch."""
+        checkpoint = load_checkpoint_file(url_or_filename)
+        self._load_trainable(self.unwrap_dist_model(self.model), checkpoint, url_or_filename)
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.scaler and checkpoint.get("scaler"):
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.start_epoch = checkpoint["epoch"] + 1
+        logging.info("Resume checkpoint from %s", url_or_filename)

@@ -66,6 +66,20 @@ def load_caption_results(path: str) -> Dict[int, str]:
     return preds
 
 
+_METEOR = None
+
+
+def _meteor():
+    """One METEOR Java process per Python process: starting it (loading its paraphrase table)
+    takes seconds, scoring a batch of captions much less."""
+    global _METEOR
+    if _METEOR is None:
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        _METEOR = Meteor()
+    return _METEOR
+
+
 def spice_available() -> bool:
     """Whether pycocoevalcap's SPICE can run without downloading Stanford CoreNLP."""
     import pycocoevalcap.spice.spice as spice_module
@@ -95,7 +109,6 @@ def score_captions(refs: Dict[int, List[str]], preds: Dict[int, str],
     """
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
@@ -110,9 +123,7 @@ def score_captions(refs: Dict[int, List[str]], preds: Dict[int, str],
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     for n, value in enumerate(bleu, start=1):
         metrics[f"Bleu_{n}"] = float(value)
-    meteor = Meteor()
-    metrics["METEOR"] = float(meteor.compute_score(gts, res)[0])
-    del meteor  # its __del__ stops the Java process
+    metrics["METEOR"] = float(_meteor().compute_score(gts, res)[0])
     metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
     metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
 

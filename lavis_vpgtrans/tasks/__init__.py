@@ -1,5 +1,10 @@
-"""Evaluation tasks registered with LAVIS: vpgtrans_captioning, vpgtrans_vqa, vpgtrans_gqa."""
+"""Evaluation tasks registered with LAVIS: vpgtrans_captioning, vpgtrans_vqa, vpgtrans_gqa.
 
+Importing them also registers the benchmark builders they evaluate (vpgtrans_coco_caption,
+vpgtrans_nocaps, vpgtrans_vqav2, vpgtrans_okvqa, vpgtrans_gqa).
+"""
+
+from lavis_vpgtrans.datasets import benchmarks  # noqa: F401  registers the benchmark builders
 from lavis_vpgtrans.tasks.captioning import VPGTransCaptionTask
 from lavis_vpgtrans.tasks.vqa import VPGTransGQATask, VPGTransVQATask
 

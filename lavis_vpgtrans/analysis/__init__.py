@@ -1,0 +1,1 @@
+"""Tables from run outputs: zero-shot evaluation results (eval_table)."""

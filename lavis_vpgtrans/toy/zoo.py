@@ -3,6 +3,8 @@
     python -m lavis_vpgtrans.toy.zoo --out DIR
 
 writes, each with `save_pretrained` (so everything loads back through `from_pretrained`):
+The language models are pre-trained for a few seconds on the toy world's text.
+
   opt-small/, opt-large/   OPT family, one byte-level BPE tokenizer (GPT-2 style, "Ġ")
   llama/                   LLaMA family, SentencePiece BPE tokenizer ("▁", byte fallback)
   t5/                      T5 (Flan-T5 layout: gated-gelu, untied head), SentencePiece unigram
@@ -27,7 +29,7 @@ import torch
 
 from lavis_vpgtrans.toy import world
 
-ZOO_VERSION = "1"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "2"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "model.safetensors"
@@ -148,6 +150,42 @@ def _wordpiece(sentences, out_dir):
 # --------------------------------------------------------------------------- models
 
 
+def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, seed=0):
+    """A short language-model pre-training on the toy world's text, so that the frozen LLMs
+    of the zoo speak its language (as a real LLM speaks English) before any VL training.
+    Decoder-only: next-token prediction. Encoder-decoder: a random word split, the first
+    part encoded and the rest decoded (prefix LM, as BLIP-2 trains Flan-T5)."""
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = rng.sample(sentences, batch_size)
+        if model.config.is_encoder_decoder:
+            cuts = [rng.randint(1, max(1, len(s.split()) - 1)) for s in batch]
+            sources = [" ".join(s.split()[:c]) for s, c in zip(batch, cuts)]
+            targets = [" ".join(s.split()[c:]) for s, c in zip(batch, cuts)]
+            enc = tokenizer(sources, return_tensors="pt", padding=True)
+            dec = tokenizer(targets, return_tensors="pt", padding=True)
+            labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+            loss = model(**enc, labels=labels).loss
+        else:
+            rows = [tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in batch]
+            width = max(map(len, rows))
+            ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+            loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    logging.info("pre-trained %s: final LM loss %.3f", type(model).__name__, loss.item())
+    return loss.item()
+
+
 def save_toy_vit(out_dir, seed=0, **overrides):
     """A tiny EVA ViT with LAVIS's own VisionTransformer class, stored as config + weights."""
     from safetensors.torch import save_file
@@ -195,7 +233,9 @@ def build_zoo(out: str, seed: int = 0) -> None:
                         bos_token_id=opt_tok.bos_token_id, eos_token_id=opt_tok.eos_token_id,
                         dropout=0.0, attention_dropout=0.0, **size)
         d = os.path.join(out, name)
-        OPTForCausalLM(cfg).save_pretrained(d)
+        model = OPTForCausalLM(cfg)
+        pretrain_lm(model, opt_tok, sentences, seed=seed + 10 + i)
+        model.save_pretrained(d)
         opt_tok.save_pretrained(d)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -206,10 +246,12 @@ def build_zoo(out: str, seed: int = 0) -> None:
         llama_tok = _save_sentencepiece_tokenizer(LlamaTokenizer, LlamaTokenizerFast, spm_file, d,
                                                   legacy=False)
         torch.manual_seed(seed + 20)
-        LlamaForCausalLM(LlamaConfig(
+        model = LlamaForCausalLM(LlamaConfig(
             vocab_size=len(llama_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)).save_pretrained(d)
+            bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
+        pretrain_lm(model, llama_tok, sentences, seed=seed + 20)
+        model.save_pretrained(d)
 
         # T5 (Flan-T5 layout): SentencePiece unigram, <pad>=0 </s>=1 <unk>=2.
         spm_file = _sentencepiece_model(sentences, os.path.join(tmp, "t5"), 64, "unigram",
@@ -218,11 +260,13 @@ def build_zoo(out: str, seed: int = 0) -> None:
         t5_tok = _save_sentencepiece_tokenizer(T5Tokenizer, T5TokenizerFast, spm_file, d,
                                                extra_ids=0, legacy=False)
         torch.manual_seed(seed + 30)
-        T5ForConditionalGeneration(T5Config(
+        model = T5ForConditionalGeneration(T5Config(
             vocab_size=len(t5_tok), d_model=48, d_kv=12, d_ff=96, num_layers=2,
             num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
             tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
-            decoder_start_token_id=0)).save_pretrained(d)
+            decoder_start_token_id=0))
+        pretrain_lm(model, t5_tok, sentences, seed=seed + 30)
+        model.save_pretrained(d)
 
     # Q-Former initialisation: a tiny BERT with the masked-LM head, as bert-base-uncased ships.
     d = os.path.join(out, "bert")

@@ -1,0 +1,114 @@
+"""The registered VL-LLMs on the tiny zoo: loading, training, generation, freezing."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from helpers import load_tiny as load
+
+TINY_TYPES = {
+    "blip2_opt_transfer": ["tiny_opt_small", "tiny_opt_large"],
+    "blip2_t5_transfer": ["tiny_t5"],
+    "blip2_llama": ["tiny_llama"],
+    "blip2_vicuna": ["tiny_vicuna"],
+    "blip2_vicuna_vpgtrans": ["tiny_vicuna"],
+}
+FAMILIES = {"opt": ("blip2_opt_transfer", "tiny_opt_small", "opt_proj"),
+            "llama": ("blip2_llama", "tiny_llama", "llama_proj"),
+            "t5": ("blip2_t5_transfer", "tiny_t5", "t5_proj")}
+
+
+@pytest.fixture(scope="module")
+def caption_batches(plugin):
+    from lavis.common.registry import registry
+
+    train = registry.get_builder_class("toy_caption")().build_datasets()["train"]
+    loader = DataLoader(train, batch_size=8, shuffle=False, collate_fn=train.collater)
+    return [batch for _, batch in zip(range(2), loader)]
+
+
+@pytest.mark.parametrize("name,model_type", [(n, t) for n, ts in TINY_TYPES.items() for t in ts])
+def test_load_model_by_name(plugin, name, model_type):
+    from lavis.models import load_model
+
+    model = load_model(name, model_type)
+    assert type(model).__name__.startswith("Blip2")
+    assert model.projector.out_features == model.llm_model.config.hidden_size
+
+
+def test_every_registered_name_has_a_tiny_type(plugin):
+    from lavis.common.registry import registry
+
+    ours = {n for n in registry.list_models()
+            if registry.get_model_class(n).__module__.startswith("lavis_vpgtrans")}
+    assert ours == set(TINY_TYPES)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_training_lowers_the_loss(plugin, family, caption_batches):
+    name, model_type, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = load(name, model_type)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+    batch = caption_batches[0]
+
+    def loss():
+        return model(batch)["loss"]
+
+    with torch.no_grad():
+        model.eval()
+        before = loss().item()
+        model.train()
+    for _ in range(30):
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    with torch.no_grad():
+        model.eval()
+        after = loss().item()
+    assert after < 0.9 * before, (before, after)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_and_predict_answers(plugin, family, caption_batches):
+    name, model_type, _ = FAMILIES[family]
+    torch.manual_seed(0)
+    model = load(name, model_type).eval()
+    images = caption_batches[0]["image"][:3]
+
+    beams = model.generate({"image": images}, num_beams=3, max_length=6)
+    assert len(beams) == 3 and all(isinstance(c, str) for c in beams)
+    sampled = model.generate({"image": images}, use_nucleus_sampling=True, max_length=6, num_captions=2)
+    assert len(sampled) == 6 and all(isinstance(c, str) for c in sampled)
+    beams_again = model.generate({"image": images}, num_beams=3, max_length=6)
+    assert beams_again == beams  # beam search is deterministic
+
+    questions = ["what color is the circle?", "how many shapes are there?", "is there a red square?"]
+    answers = model.predict_answers({"image": images, "text_input": questions}, num_beams=2, max_len=4)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    with pytest.raises(ValueError, match="rank"):
+        model.predict_answers({"image": images, "text_input": questions}, inference_method="rank")
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("train_vpg", [False, True])
+def test_freeze_modes(plugin, family, train_vpg):
+    name, model_type, projector = FAMILIES[family]
+    model = load(name, model_type, train_vpg=train_vpg)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    projector_keys = {f"{projector}.weight", f"{projector}.bias"}
+    if not train_vpg:
+        assert trainable == projector_keys
+    else:
+        vpg = {n for n, _ in model.named_parameters()
+               if n.startswith(("Qformer.", "ln_vision.")) or n == "query_tokens"}
+        assert trainable == projector_keys | vpg
+        assert "query_tokens" in trainable and "ln_vision.weight" in trainable
+        assert any(n.startswith("Qformer.bert.encoder.layer.0.crossattention.") for n in trainable)
+    assert not any(n.startswith(("visual_encoder.", "llm_model.")) for n in trainable)
+
+    model.train()  # what LAVIS's runner calls every epoch
+    assert not model.visual_encoder.training and not model.llm_model.training
+    assert model.Qformer.training == train_vpg
+    assert model.projector.training

@@ -1,0 +1,464 @@
+"""VPGTrans stage 1(b): start the target projector from the source projector merged with a
+linear word-embedding converter g_c(e) = W_c e + b_c from LLM_src's input embeddings to LLM_tgt's.
+
+    python -m lavis_vpgtrans.transfer.converter --src facebook/opt-2.7b --tgt facebook/opt-6.7b \\
+        --projector blip2_opt2.7b.pth --src-arch blip2_opt --tgt-arch blip2_opt --out init.pth
+
+1. Read only the two input-embedding matrices (embeddings.py) and pair the tokens the two
+   vocabularies share (pairing.py); a seeded fraction of the text pairs is held out.
+2. Fit g_c: closed-form (ridge-regularised) weighted least squares with bias, then, for the
+   cosine loss, epochs of Adam on L = 1 - cos(g_c(x_s), x_t). The closed form is already the
+   exact minimiser of the euclidean (squared distance) loss, so that loss runs no epochs.
+   Of the closed form and the epochs, the state with the lowest loss on the fit pairs is kept.
+3. Report quality on the held-out pairs: mean cosine to the true target embedding and top-1
+   nearest-neighbour accuracy (cosine) over the whole target vocabulary, chunked so nothing
+   vocab x vocab is ever built.
+4. Merge with the source projector f_s(x) = W_s x + b_s:
+       W_t = W_c W_s,    b_t = W_c b_s + b_c
+   and write {"model": {"<tgt_proj>.weight", "<tgt_proj>.bias"}, "metadata": {...}}, which the
+   models load as `projector_checkpoint` (torch.load(weights_only=True) reads it).
+"""
+
+import argparse
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from lavis_vpgtrans.transfer.embeddings import TransferError, embedding_shape, load_input_embeddings
+from lavis_vpgtrans.transfer.pairing import (TokenPairs, frequency_weights, load_tokenizer, pair_tokens,
+                                             read_captions, token_counts)
+
+logger = logging.getLogger(__name__)
+
+LOSSES = ("cosine", "euclidean")
+MERGE_FORMULA = "W_t = W_c @ W_s, b_t = W_c @ b_s + b_c"
+_EPS = 1e-8
+
+
+@dataclass
+class LinearMap:
+    """y = x W^T + b, float32."""
+
+    weight: torch.Tensor  # (out, in)
+    bias: torch.Tensor  # (out,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight.t())
+
+
+def _rows(matrix: torch.Tensor, ids: torch.Tensor, device) -> torch.Tensor:
+    """Rows of an embedding matrix (any stored dtype) as float32 on `device`: the matrices stay
+    in their file dtype on the CPU and only one chunk at a time is widened."""
+    return matrix.index_select(0, ids).to(device=device, dtype=torch.float32)
+
+
+def _chunks(n: int, size: int):
+    for start in range(0, n, size):
+        yield start, min(start + size, n)
+
+
+# --------------------------------------------------------------------------- fit
+
+
+def least_squares(src: torch.Tensor, tgt: torch.Tensor, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+                  weights: Optional[torch.Tensor] = None, ridge: float = 1e-6, device="cpu",
+                  chunk: int = 8192) -> LinearMap:
+    """Weighted least squares with bias, min sum_i w_i ||W x_i + b - y_i||^2 over the pairs
+    (x_i = src[src_ids[i]], y_i = tgt[tgt_ids[i]]).
+
+    Centred normal equations, accumulated chunk by chunk in float64 (centring keeps fp32
+    chunk products accurate); `ridge` is relative to the mean variance of x."""
+    n = src_ids.numel()
+    w = torch.ones(n, dtype=torch.float64) if weights is None else weights.to(torch.float64)
+    total = w.sum()
+    mean_x = torch.zeros(src.shape[1], dtype=torch.float64, device=device)
+    mean_y = torch.zeros(tgt.shape[1], dtype=torch.float64, device=device)
+    for a, b in _chunks(n, chunk):
+        wc = (w[a:b] / total).to(device=device, dtype=torch.float32)
+        mean_x += (wc @ _rows(src, src_ids[a:b], device)).double()
+        mean_y += (wc @ _rows(tgt, tgt_ids[a:b], device)).double()
+    sxx = torch.zeros(src.shape[1], src.shape[1], dtype=torch.float64, device=device)
+    sxy = torch.zeros(src.shape[1], tgt.shape[1], dtype=torch.float64, device=device)
+    mx, my = mean_x.float(), mean_y.float()
+    for a, b in _chunks(n, chunk):
+        sw = (w[a:b] / total).sqrt().to(device=device, dtype=torch.float32)[:, None]
+        xc = (_rows(src, src_ids[a:b], device) - mx) * sw
+        yc = (_rows(tgt, tgt_ids[a:b], device) - my) * sw
+        sxx += (xc.t() @ xc).double()
+        sxy += (xc.t() @ yc).double()
+    lam = ridge * max(float(torch.diagonal(sxx).mean()), _EPS)
+    sxx.diagonal().add_(lam)
+    try:
+        chol = torch.linalg.cholesky(sxx)
+        wt = torch.cholesky_solve(sxy, chol)  # (in, out)
+    except RuntimeError:  # not positive definite: rank-deficient pairs and ridge 0
+        wt = torch.linalg.lstsq(sxx, sxy).solution
+    weight = wt.t()
+    bias = mean_y - weight @ mean_x
+    return LinearMap(weight.float().contiguous(), bias.float())
+
+
+def _pair_losses(pred: torch.Tensor, target: torch.Tensor, loss: str) -> torch.Tensor:
+    if loss == "cosine":
+        return 1.0 - torch.nn.functional.cosine_similarity(pred, target, dim=1, eps=_EPS)
+    return (pred - target).pow(2).sum(1)  # euclidean: squared distance
+
+
+@torch.no_grad()
+def mean_loss(conv: LinearMap, src, tgt, src_ids, tgt_ids, weights=None, loss="cosine", device="cpu",
+              chunk: int = 8192) -> float:
+    """Weighted mean of the per-pair loss of `conv` over the pairs."""
+    total, norm = 0.0, 0.0
+    for a, b in _chunks(src_ids.numel(), chunk):
+        per = _pair_losses(conv(_rows(src, src_ids[a:b], device)), _rows(tgt, tgt_ids[a:b], device), loss)
+        w = torch.ones_like(per) if weights is None else weights[a:b].to(device=device, dtype=per.dtype)
+        total += float((w * per).sum())
+        norm += float(w.sum())
+    return total / max(norm, _EPS)
+
+
+@dataclass
+class FitResult:
+    converter: LinearMap
+    losses: List[float]  # loss on the fit pairs: closed form, then after each epoch
+    best_epoch: int  # 0 = the closed form
+
+
+def fit_converter(src: torch.Tensor, tgt: torch.Tensor, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+                  weights: Optional[torch.Tensor] = None, loss: str = "cosine", epochs: int = 3,
+                  lr: float = 0.03, batch_size: int = 1024, seed: int = 0, ridge: float = 1e-6,
+                  device="cpu") -> FitResult:
+    """Closed-form least squares, then (cosine loss) `epochs` of Adam; keeps the state with the
+    lowest loss on the fit pairs."""
+    if loss not in LOSSES:
+        raise TransferError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
+    conv = least_squares(src, tgt, src_ids, tgt_ids, weights, ridge=ridge, device=device)
+    losses = [mean_loss(conv, src, tgt, src_ids, tgt_ids, weights, loss, device)]
+    logger.info("converter: closed-form start, %s loss %.6f on %d fit pairs", loss, losses[0], src_ids.numel())
+    if loss == "euclidean" or epochs <= 0:
+        return FitResult(conv, losses, 0)
+
+    best, best_epoch = LinearMap(conv.weight.clone(), conv.bias.clone()), 0
+    weight = conv.weight.clone().requires_grad_(True)
+    bias = conv.bias.clone().requires_grad_(True)
+    # Step sizes relative to the scale of what they move (weights: their RMS; bias: the RMS of
+    # the target embeddings), so one `lr` suits LLMs whatever their embedding scale and width.
+    y_rms = float(_rows(tgt, tgt_ids[:batch_size], device).pow(2).mean().sqrt())
+    w_rms = float(weight.detach().pow(2).mean().sqrt())
+    opt = torch.optim.Adam([{"params": [weight], "lr": lr * max(w_rms, _EPS)},
+                            {"params": [bias], "lr": lr * max(y_rms, _EPS)}])
+    g = torch.Generator().manual_seed(seed)
+    n = src_ids.numel()
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(n, generator=g)
+        for a, b in _chunks(n, batch_size):
+            idx = order[a:b]
+            x, y = _rows(src, src_ids[idx], device), _rows(tgt, tgt_ids[idx], device)
+            per = _pair_losses(torch.addmm(bias, x, weight.t()), y, loss)
+            if weights is None:
+                batch_loss = per.mean()
+            else:
+                w = weights[idx].to(device=device, dtype=per.dtype)
+                batch_loss = (w * per).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            batch_loss.backward()
+            opt.step()
+        current = LinearMap(weight.detach(), bias.detach())
+        losses.append(mean_loss(current, src, tgt, src_ids, tgt_ids, weights, loss, device))
+        logger.info("converter: epoch %d/%d, %s loss %.6f on the fit pairs", epoch, epochs, loss, losses[-1])
+        if losses[-1] < losses[best_epoch]:
+            best, best_epoch = LinearMap(weight.detach().clone(), bias.detach().clone()), epoch
+    return FitResult(best, losses, best_epoch)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@torch.no_grad()
+def evaluate(conv: LinearMap, src: torch.Tensor, tgt: torch.Tensor, src_ids: torch.Tensor, tgt_ids: torch.Tensor,
+             candidates: Optional[int] = None, device="cpu", chunk_rows: int = 4096,
+             chunk_vocab: int = 8192) -> Dict[str, float]:
+    """Mean cosine between g_c(x_s) and x_t, and top-1 accuracy of x_t being the nearest
+    (cosine) of the first `candidates` target rows (default: all) to g_c(x_s)."""
+    candidates = tgt.shape[0] if candidates is None else min(candidates, tgt.shape[0])
+    cos_sum, hits, n = 0.0, 0, src_ids.numel()
+    for a, b in _chunks(n, chunk_rows):
+        pred = conv(_rows(src, src_ids[a:b], device))
+        truth = tgt_ids[a:b].to(device)
+        cos_sum += float(torch.nn.functional.cosine_similarity(pred, _rows(tgt, tgt_ids[a:b], device),
+                                                               dim=1, eps=_EPS).sum())
+        pred = pred / pred.norm(dim=1, keepdim=True).clamp_min(_EPS)
+        best_score = torch.full((b - a,), -math.inf, device=device)
+        best_id = torch.zeros(b - a, dtype=torch.long, device=device)
+        for va, vb in _chunks(candidates, chunk_vocab):
+            cand = tgt[va:vb].to(device=device, dtype=torch.float32)
+            cand = cand / cand.norm(dim=1, keepdim=True).clamp_min(_EPS)
+            score, idx = (pred @ cand.t()).max(dim=1)
+            better = score > best_score
+            best_score = torch.where(better, score, best_score)
+            best_id = torch.where(better, idx + va, best_id)
+        hits += int((best_id == truth).sum())
+    return {"mean_cosine": cos_sum / max(n, 1), "top1_nn_accuracy": hits / max(n, 1), "pairs": n}
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def merge_projector(conv: LinearMap, proj_weight: torch.Tensor, proj_bias: torch.Tensor
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """g_c(f_s(x)) = W_c (W_s x + b_s) + b_c: returns (W_c W_s, W_c b_s + b_c), float32.
+    (The papers print W_s W_c, which does not compose; this is the composition.)"""
+    wc, bc = conv.weight.double().cpu(), conv.bias.double().cpu()
+    ws, bs = proj_weight.double(), proj_bias.double()
+    if wc.shape[1] != ws.shape[0]:
+        raise TransferError(f"converter input size {wc.shape[1]} does not match the projector output size "
+                            f"{ws.shape[0]}")
+    return (wc @ ws).float(), (wc @ bs + bc).float()
+
+
+def projector_tensors(state: Dict[str, torch.Tensor], name: str, source: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of the projector `name` in a state dict."""
+    wkey, bkey = f"{name}.weight", f"{name}.bias"
+    missing = [k for k in (wkey, bkey) if k not in state]
+    if missing:
+        similar = sorted(k for k in state if k.endswith((".weight", ".bias")) and "proj" in k)[:12]
+        raise TransferError(f"{source}: no projector {name!r} (missing {', '.join(missing)}); "
+                            f"keys with 'proj': {', '.join(similar) or 'none'}")
+    weight, bias = state[wkey], state[bkey]
+    if weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+        raise TransferError(f"{source}: {wkey} {tuple(weight.shape)} / {bkey} {tuple(bias.shape)} "
+                            f"are not the weight and bias of a linear layer")
+    return weight, bias
+
+
+def projector_name_for_arch(arch: str) -> str:
+    """The projector prefix a model architecture uses, by the model class's own name for it."""
+    from lavis_vpgtrans.models.projector import projector_name_of
+
+    try:
+        return projector_name_of(arch)
+    except KeyError:
+        import lavis_vpgtrans  # noqa: F401  registers the plugin's model classes, then look again
+        try:
+            return projector_name_of(arch)
+        except KeyError as e:
+            raise TransferError(str(e.args[0] if e.args else e)) from e
+
+
+def detect_projector_name(state: Dict[str, torch.Tensor], source: str) -> str:
+    """The single known projector name (of any registered BLIP-2-style model) present in `state`."""
+    import lavis_vpgtrans  # noqa: F401  registers the plugin's model classes
+    from lavis_vpgtrans.models.projector import known_projector_names
+
+    known = sorted(known_projector_names())
+    present = [n for n in known if f"{n}.weight" in state]
+    if len(present) == 1:
+        return present[0]
+    if not present:
+        raise TransferError(f"{source}: holds none of the known projectors ({', '.join(known)}); "
+                            f"name it with --src-arch or --src-projector-key")
+    raise TransferError(f"{source}: holds several projectors ({', '.join(present)}); "
+                        f"choose one with --src-arch or --src-projector-key")
+
+
+# --------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class ConverterConfig:
+    src: str
+    tgt: str
+    projector: str
+    out: Optional[str] = None
+    src_arch: Optional[str] = None
+    tgt_arch: Optional[str] = None
+    src_projector_key: Optional[str] = None
+    tgt_projector_key: Optional[str] = None
+    src_tokenizer: Optional[str] = None  # default: the model itself
+    tgt_tokenizer: Optional[str] = None
+    src_embedding_key: Optional[str] = None  # default: by config.json's model_type
+    tgt_embedding_key: Optional[str] = None
+    loss: str = "cosine"
+    corpus: Optional[str] = None
+    epochs: int = 3
+    lr: float = 0.03
+    batch_size: int = 1024
+    held_out: float = 0.1
+    seed: int = 0
+    ridge: float = 1e-6
+    device: str = "cpu"
+
+    def check(self) -> None:
+        if self.loss not in LOSSES:
+            raise TransferError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if not 0.0 <= self.held_out < 1.0:
+            raise TransferError(f"held-out fraction must be in [0, 1), got {self.held_out}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.ridge < 0:
+            raise TransferError("epochs must be >= 0, batch size >= 1, lr > 0 and ridge >= 0")
+        if not (self.tgt_arch or self.tgt_projector_key):
+            raise TransferError("name the target projector: --tgt-arch (e.g. blip2_llama) or --tgt-projector-key")
+
+
+def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Tensor]:
+    from lavis_vpgtrans.common.checkpoint import load_checkpoint_file
+
+    state = load_checkpoint_file(cfg.projector)["model"]
+    if cfg.src_projector_key:
+        name = cfg.src_projector_key
+    elif cfg.src_arch:
+        name = projector_name_for_arch(cfg.src_arch)
+    else:
+        name = detect_projector_name(state, cfg.projector)
+    weight, bias = projector_tensors(state, name, cfg.projector)
+    # clone, then drop the checkpoint: a full BLIP-2 checkpoint must not stay in memory
+    return name, weight.detach().clone(), bias.detach().clone()
+
+
+def convert(cfg: ConverterConfig) -> Dict:
+    """Runs the whole stage-1(b) initialisation; returns (and, with cfg.out, writes) the
+    projector checkpoint {"model": {...}, "metadata": {...}}."""
+    cfg.check()
+    timings, clock = {}, time.perf_counter()
+
+    def lap(what):  # wall time per phase, kept in the metadata
+        nonlocal clock
+        now = time.perf_counter()
+        timings[what] = round(now - clock, 3)
+        clock = now
+
+    tgt_name = cfg.tgt_projector_key or projector_name_for_arch(cfg.tgt_arch)
+    src_name, ws, bs = _source_projector(cfg)
+    src_rows, src_hidden = embedding_shape(cfg.src, cfg.src_embedding_key)
+    tgt_rows, tgt_hidden = embedding_shape(cfg.tgt, cfg.tgt_embedding_key)
+    if ws.shape[0] != src_hidden:
+        raise TransferError(
+            f"hidden-size mismatch: projector {src_name!r} in {cfg.projector} outputs {ws.shape[0]}-d vectors, "
+            f"but the input embeddings of the source LLM {cfg.src!r} are {src_hidden}-d")
+    lap("projector")
+
+    src_tok = load_tokenizer(cfg.src_tokenizer or cfg.src)
+    tgt_tok = load_tokenizer(cfg.tgt_tokenizer or cfg.tgt)
+    pairs = pair_tokens(src_tok, tgt_tok, src_rows, tgt_rows)
+    fit_idx, held_idx = pairs.split(cfg.held_out, cfg.seed)
+    weights = None
+    if cfg.corpus:
+        counts = token_counts(src_tok, read_captions(cfg.corpus), src_rows)
+        weights = frequency_weights(counts)[pairs.src_ids]
+    tgt_candidates = min(tgt_rows, len(tgt_tok))  # rows past the vocabulary are padding
+    if fit_idx.numel() <= src_hidden:
+        logger.warning("only %d fit pairs for a %d-d source: the map is underdetermined, the ridge term "
+                       "decides the rest", fit_idx.numel(), src_hidden)
+    lap("tokens")
+
+    src = load_input_embeddings(cfg.src, cfg.src_embedding_key)
+    tgt = load_input_embeddings(cfg.tgt, cfg.tgt_embedding_key)
+    lap("embeddings")
+
+    torch.manual_seed(cfg.seed)
+    fit = fit_converter(src.weight, tgt.weight, pairs.src_ids[fit_idx], pairs.tgt_ids[fit_idx],
+                        None if weights is None else weights[fit_idx], loss=cfg.loss, epochs=cfg.epochs,
+                        lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, ridge=cfg.ridge, device=cfg.device)
+    lap("fit")
+
+    quality = {"nn_metric": "cosine", "nn_candidates": tgt_candidates, "fit_loss": fit.losses[fit.best_epoch]}
+    if held_idx.numel():
+        held = evaluate(fit.converter, src.weight, tgt.weight, pairs.src_ids[held_idx], pairs.tgt_ids[held_idx],
+                        tgt_candidates, cfg.device)
+        quality.update(held_out_mean_cosine=held["mean_cosine"], held_out_top1_nn_accuracy=held["top1_nn_accuracy"])
+    lap("quality")
+
+    wt, bt = merge_projector(fit.converter, ws, bs)
+    lap("merge")
+    metadata = {
+        "kind": "vpgtrans_projector_init",
+        "merge": MERGE_FORMULA,
+        "source_llm": cfg.src, "target_llm": cfg.tgt,
+        "source_tokenizer": cfg.src_tokenizer or cfg.src, "target_tokenizer": cfg.tgt_tokenizer or cfg.tgt,
+        "source_embedding_key": src.key, "target_embedding_key": tgt.key,
+        "source_hidden": src_hidden, "target_hidden": tgt_hidden, "projector_in": int(ws.shape[1]),
+        "source_projector": cfg.projector, "source_projector_name": src_name, "target_projector_name": tgt_name,
+        "source_arch": cfg.src_arch, "target_arch": cfg.tgt_arch,
+        "overlap": {**pairs.summary(), "fit": int(fit_idx.numel()), "held_out": int(held_idx.numel())},
+        "quality": quality,
+        "loss": cfg.loss, "epochs": cfg.epochs, "best_epoch": fit.best_epoch, "fit_losses": fit.losses,
+        "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "ridge": cfg.ridge,
+        "held_out_fraction": cfg.held_out, "corpus": cfg.corpus, "timings_s": timings,
+    }
+    checkpoint = {"model": {f"{tgt_name}.weight": wt, f"{tgt_name}.bias": bt}, "metadata": metadata}
+    if cfg.out:
+        from lavis_vpgtrans.common.checkpoint import save_checkpoint_atomic
+
+        save_checkpoint_atomic(checkpoint, cfg.out)
+        logger.info("wrote %s", cfg.out)
+    return checkpoint
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lavis_vpgtrans.transfer.converter", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    io = p.add_argument_group("inputs and output")
+    io.add_argument("--src", required=True, help="source LLM: local HF directory or hub id")
+    io.add_argument("--tgt", required=True, help="target LLM: local HF directory or hub id")
+    io.add_argument("--projector", required=True,
+                    help="checkpoint (.pth / .safetensors, path or URL) holding the source projector")
+    io.add_argument("--out", required=True, help="output .pth, loaded by the models as projector_checkpoint")
+    names = p.add_argument_group("projector names (by the model class's projector name)")
+    names.add_argument("--src-arch", help="source model architecture (e.g. blip2_opt); default: the single "
+                                          "known projector present in --projector")
+    names.add_argument("--tgt-arch", help="target model architecture (e.g. blip2_llama)")
+    names.add_argument("--src-projector-key", help="explicit source projector prefix (e.g. opt_proj)")
+    names.add_argument("--tgt-projector-key", help="explicit target projector prefix (e.g. llama_proj)")
+    names.add_argument("--src-tokenizer", help="tokenizer of the source LLM if not in --src")
+    names.add_argument("--tgt-tokenizer", help="tokenizer of the target LLM if not in --tgt")
+    names.add_argument("--src-embedding-key", help="input-embedding tensor name (default: by model type)")
+    names.add_argument("--tgt-embedding-key", help="input-embedding tensor name (default: by model type)")
+    fit = p.add_argument_group("fit")
+    fit.add_argument("--loss", choices=LOSSES, default="cosine",
+                     help="cosine: 1 - cos; euclidean: squared distance, solved exactly in closed form")
+    fit.add_argument("--corpus", help="captions (.txt one per line, or a LAVIS caption .json) to weight tokens "
+                                      "by 1 + log(1 + count)")
+    fit.add_argument("--epochs", type=int, default=3, help="Adam epochs after the closed-form start (cosine)")
+    fit.add_argument("--lr", type=float, default=0.03,
+                     help="Adam step size relative to the RMS of the closed-form weights (bias: of the targets)")
+    fit.add_argument("--batch-size", type=int, default=1024)
+    fit.add_argument("--held-out", type=float, default=0.1, help="fraction of text pairs held out for quality")
+    fit.add_argument("--ridge", type=float, default=1e-6, help="ridge term, relative to the mean source variance")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--device", default="cpu", help="cpu or cuda[:n]")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = ConverterConfig(**{k: v for k, v in vars(args).items()})
+    from lavis_vpgtrans.common.checkpoint import CheckpointError
+
+    try:
+        checkpoint = convert(cfg)
+    except (TransferError, CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    meta = checkpoint["metadata"]
+    overlap, quality = meta["overlap"], meta["quality"]
+    print(f"overlap: {overlap['pairs']} pairs ({overlap['text_pairs']} text + {overlap['special_pairs']} special"
+          f"{', same tokenizer' if overlap['same_tokenizer'] else ''}); fit {overlap['fit']}, "
+          f"held out {overlap['held_out']}")
+    if "held_out_mean_cosine" in quality:
+        print(f"held-out quality: mean cosine {quality['held_out_mean_cosine']:.4f}, top-1 NN accuracy "
+              f"{quality['held_out_top1_nn_accuracy']:.4f} (over {quality['nn_candidates']} target tokens)")
+    print(f"{meta['target_projector_name']}: {meta['projector_in']} -> {meta['target_hidden']} written to {cfg.out}")
+    print("timings (s): " + ", ".join(f"{k} {v}" for k, v in meta["timings_s"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -51,7 +51,10 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-output/eval/${MODEL}_${TYPE}}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-if [ -n "$DATA_ROOT" ]; then DATA_ROOT=$(cd "$DATA_ROOT" && pwd) || exit 2; fi
+# "toy:<dir>" (inside the toy zoo) is resolved by the builders; other paths made absolute.
+if [ -n "$DATA_ROOT" ] && [ "${DATA_ROOT#toy:}" = "$DATA_ROOT" ]; then
+  DATA_ROOT=$(cd "$DATA_ROOT" && pwd) || exit 2
+fi
 if [ "$CKPT" != "none" ]; then
   [ -f "$CKPT" ] || { echo "eval_all.sh: checkpoint not found: $CKPT" >&2; exit 2; }
   CKPT=$(cd "$(dirname "$CKPT")" && pwd)/$(basename "$CKPT")

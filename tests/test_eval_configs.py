@@ -142,8 +142,15 @@ WRAPPER_BENCHMARKS = ("nocaps", "gqa")
 
 def test_eval_all_one_command(bench_root, tmp_path):
     """run_scripts/eval_all.sh: `python evaluate.py` per benchmark (subprocesses), then a table."""
+    import torch
+    from lavis.models import load_model
+
+    # A checkpoint of trained parameters, as the runner writes it (trainable parameters only).
+    model = load_model("blip2_opt_transfer", "tiny_opt_small")
+    ckpt = tmp_path / "checkpoint_best.pth"
+    torch.save({"model": model.trainable_state_dict()}, ckpt)
     out = tmp_path / "opt"
-    cmd = ["bash", os.path.join(REPO, "run_scripts/eval_all.sh"), "none", "blip2_opt_transfer", "tiny_opt_small",
+    cmd = ["bash", os.path.join(REPO, "run_scripts/eval_all.sh"), str(ckpt), "blip2_opt_transfer", "tiny_opt_small",
            "--data-root", bench_root, "--out", str(out), "--image-size", "32",
            "--benchmarks", " ".join(WRAPPER_BENCHMARKS), "--", "run.device=cpu", "run.num_workers=0"]
     proc = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True, timeout=600,
@@ -155,6 +162,7 @@ def test_eval_all_one_command(bench_root, tmp_path):
         split, metrics = logged_metrics(str(out / bench))
         check_metrics(bench, split, metrics, str(out / bench), bench_root)
     assert "n/a (needs Stanford CoreNLP)" in table
+    assert f"checkpoint from {ckpt}" in open(out / "gqa.log").read()
     summary = json.load(open(out / "summary.json"))
     assert summary["gqa"]["metrics"]["acc"] == logged_metrics(str(out / "gqa"))[1]["acc"]
     nocaps = summary["nocaps"]["metrics"]

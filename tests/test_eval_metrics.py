@@ -5,6 +5,7 @@ config, result gathering under torch.distributed with gloo)."""
 import json
 import math
 import os
+import random
 import socket
 
 import pytest
@@ -215,7 +216,7 @@ def caption_dataset(tmp_path, refs):
     """A toy_caption dataset config pointing at hand-made files under tmp_path (Karpathy
     layout: image names end in _<id>.jpg, the id COCOCapEvalDataset parses)."""
     os.makedirs(tmp_path / "images", exist_ok=True)
-    scene = world.sample_scene(__import__("random").Random(0))
+    scene = world.sample_scene(random.Random(0))
     entries = []
     for i, caps in refs.items():
         name = f"toy_{i:06d}.jpg"

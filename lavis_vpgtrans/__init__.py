@@ -17,7 +17,7 @@ if "/export/" in registry.get_path("cache_root"):
     registry.mapping["paths"]["cache_root"] = os.environ.get(
         "LAVIS_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "lavis"))
 
-from lavis_vpgtrans.datasets import builders  # noqa: E402,F401
+from lavis_vpgtrans.datasets import benchmarks, builders  # noqa: E402,F401
 from lavis_vpgtrans import models  # noqa: E402,F401
 from lavis_vpgtrans import tasks  # noqa: E402,F401
 from lavis_vpgtrans.runners import runner_base  # noqa: E402,F401

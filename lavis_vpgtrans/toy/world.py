@@ -100,8 +100,9 @@ def questions(scene: Sequence[Thing], rng: random.Random) -> List[Dict[str, str]
                "answer": thing.color, "answer_type": "other"})
     qs.append({"question": f"what shape is at the {thing.cell}?",
                "answer": thing.shape, "answer_type": "other"})
+    # VQAv2 gold answers are normalised to digits (VQAEval maps "two" -> "2" in predictions only)
     qs.append({"question": "how many shapes are there?",
-               "answer": NUMBER_WORDS[len(scene)], "answer_type": "number"})
+               "answer": str(len(scene)), "answer_type": "number"})
     color, shape = rng.choice(sorted(COLORS)), rng.choice(SHAPES)
     present = any(t.color == color and t.shape == shape for t in scene)
     qs.append({"question": f"is there a {color} {shape}?",
@@ -187,7 +188,7 @@ def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int
                                                    "data_subtype": split, "license": {},
                                                    "annotations": vqa_annotations})
 
-    answers = sorted(set(COLORS) | set(SHAPES) | set(NUMBER_WORDS.values()) | {"yes", "no"})
+    answers = sorted(set(COLORS) | set(SHAPES) | {str(n) for n in NUMBER_WORDS} | {"yes", "no"})
     with open(os.path.join(ann_dir, "answer_list.json"), "w") as f:
         json.dump(answers, f)
     files["answer_list"] = os.path.join("annotations", "answer_list.json")

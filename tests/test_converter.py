@@ -417,3 +417,22 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, small_pair, capsys):
     code = main(["--src", str(tmp_path / "absent"), "--tgt", tgt, "--projector", str(tmp_path / "proj.pth"),
                  "--out", str(tmp_path / "o.pth"), "--tgt-arch", "blip2_llama"])
     assert code == 2 and str(tmp_path / "absent") in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the models read the output
+
+
+def test_models_load_the_output_as_projector_checkpoint(tmp_path, toy_zoo, plugin):
+    from lavis.models import load_model
+
+    source = load_model("blip2_opt_transfer", "tiny_opt_small")
+    trained = {k: v for k, v in source.state_dict().items() if k.startswith("opt_proj.")}
+    save_checkpoint_atomic({"model": trained}, str(tmp_path / "stage2.pth"))
+    out = str(tmp_path / "init.pth")
+    ck = convert(ConverterConfig(src=os.path.join(toy_zoo, "opt-small"), tgt=os.path.join(toy_zoo, "llama"),
+                                 projector=str(tmp_path / "stage2.pth"), out=out, src_arch="blip2_opt_transfer",
+                                 tgt_arch="blip2_llama", epochs=1))
+    target = load_model("blip2_llama", "tiny_llama")
+    target.load_projector(out)
+    assert torch.equal(target.llama_proj.weight.detach(), ck["model"]["llama_proj.weight"])
+    assert torch.equal(target.llama_proj.bias.detach(), ck["model"]["llama_proj.bias"])

@@ -72,7 +72,8 @@ class _ModelFiles:
         self.revision = revision
         self.local = os.path.isdir(name_or_path)
         if not self.local and looks_like_path(name_or_path):
-            raise TransferError(f"model directory not found: {name_or_path}")
+            what = "is not a directory" if os.path.exists(name_or_path) else "not found"
+            raise TransferError(f"model directory {what}: {name_or_path}")
 
     def get(self, filename: str) -> Optional[str]:
         """Local path of `filename` in the model, or None if the model has no such file."""
@@ -110,7 +111,7 @@ def _where(source: str, filename: str) -> str:
     return os.path.join(source, filename) if os.path.isdir(source) else f"{filename} of {source!r}"
 
 
-def read_config(files: _ModelFiles) -> Dict:
+def _read_config(files: _ModelFiles) -> Dict:
     with open(files.require("config.json")) as f:
         return json.load(f)
 
@@ -181,7 +182,7 @@ def _locate(name_or_path: str, key: Optional[str], revision: Optional[str]) -> _
     layout, layout_path = _weights_layout(files)
     names = _tensor_names(layout, layout_path)
     if key is None:
-        key = embedding_key(list(names), read_config(files), name_or_path)
+        key = embedding_key(list(names), _read_config(files), name_or_path)
     elif key not in names:
         raise TransferError(f"tensor {key!r} not found in the weights of {name_or_path!r} "
                             f"({_where(name_or_path, layout)})")

@@ -192,7 +192,7 @@ def pair_tokens(src_tok, tgt_tok, src_rows: int, tgt_rows: int) -> TokenPairs:
         t = torch.tensor(ids, dtype=torch.long)
         scheme = tokenizer_scheme(src_tok)
         return TokenPairs(t, t.clone(), torch.tensor([i in specials for i in ids], dtype=torch.bool),
-                          True, scheme, scheme, sorted(role_ids(src_tok)), src_name, tgt_name)
+                          True, scheme, scheme, [r for r in ROLES if r in role_ids(src_tok)], src_name, tgt_name)
 
     src_forms, tgt_forms = text_forms(src_tok, src_rows), text_forms(tgt_tok, tgt_rows)
     text = sorted((src_forms[f], tgt_forms[f]) for f in src_forms.keys() & tgt_forms.keys())

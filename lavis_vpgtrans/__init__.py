@@ -20,7 +20,7 @@ if "/export/" in registry.get_path("cache_root"):
 from lavis_vpgtrans.datasets import benchmarks, builders  # noqa: E402,F401
 from lavis_vpgtrans import models  # noqa: E402,F401
 from lavis_vpgtrans import tasks  # noqa: E402,F401
-from lavis_vpgtrans.runners import runner_base  # noqa: E402,F401
+from lavis_vpgtrans.runners import runner_base, runner_vpgtrans  # noqa: E402,F401
 from lavis_vpgtrans.common import lavis_fixes  # noqa: E402
 
 lavis_fixes.apply()

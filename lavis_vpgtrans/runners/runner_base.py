@@ -12,16 +12,22 @@ Fixes, each where LAVIS 1.0.2 breaks:
 """
 
 import datetime
+import json
 import logging
 import math
 import os
+import random
 import time
 from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
 
 import torch
 import torch.distributed as dist
 import webdataset as wds
-from lavis.common.dist_utils import get_rank, get_world_size, is_dist_avail_and_initialized, main_process
+from lavis.common.dist_utils import (get_rank, get_world_size, is_dist_avail_and_initialized,
+                                     is_main_process, main_process)
 from lavis.common.registry import registry
 from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
@@ -31,11 +37,20 @@ from torch.utils.data.dataset import ChainDataset
 
 from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_state_with_report,
                                               save_checkpoint_atomic)
+from lavis_vpgtrans.common.config import PluginConfig
 
 
 @registry.register_runner("runner_vpgtrans_base")
 class PortableRunner(RunnerBase):
     """Epoch-based training and evaluation with LAVIS's loop, on any device."""
+
+    # Epoch-based runs iterate the training set afresh each epoch; iteration-based runs
+    # draw from endless loaders.
+    infinite_train_loader = False
+
+    def __init__(self, cfg, task, model, datasets, job_id):
+        self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
+        super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
 
     # ------------------------------------------------------------------ setup
 
@@ -99,8 +114,10 @@ class PortableRunner(RunnerBase):
                     best_epoch, best_agg_metric = cur_epoch, agg_metrics
                     if not self.evaluate_only:
                         self._save_checkpoint(cur_epoch, is_best=True)
+                self.log_metrics(cur_epoch, self.benchmark_name, split_name, val_log)
                 val_log.update({"best_epoch": best_epoch, "epoch": cur_epoch})
                 self.log_stats(val_log, split_name)
+            self.validate_extra_benchmarks(cur_epoch)
 
             if self.evaluate_only:
                 break
@@ -135,39 +152,147 @@ class PortableRunner(RunnerBase):
             return None
         return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
 
+    def train_epoch(self, epoch):
+        self.seed_epoch(epoch)
+        self.dataloaders  # noqa: B018  built lazily; creates the samplers
+        for sampler in self._train_samplers:
+            sampler.set_epoch(epoch)
+        return super().train_epoch(epoch)
+
+    def seed_epoch(self, epoch):
+        """Seeds python, numpy and torch from (seed, epoch, rank): an epoch's dropout and
+        augmentation do not depend on what ran before it, so resuming repeats it exactly."""
+        seed = (int(self.config.run_cfg.seed) * 100_003 + epoch) * 1_009 + get_rank()
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_of(self, epoch) -> int:
+        """1: projector warm-up, 2: joint (or single-stage) training. One stage here."""
+        return 2
+
+    def paper_epoch_of(self, epoch) -> int:
+        """The epoch count of the paper's speed-up metric (1-based)."""
+        return epoch + 1
+
+    # ------------------------------------------------------------------ validation
+
+    @property
+    def benchmark_name(self) -> str:
+        return "+".join(self.config.datasets_cfg.keys())
+
+    @main_process
+    def log_metrics(self, epoch, benchmark, split, metrics):
+        """One line of metrics.jsonl, read by lavis_vpgtrans.analysis.speedup."""
+        record = {"epoch": epoch, "paper_epoch": self.paper_epoch_of(epoch), "stage": self.stage_of(epoch),
+                  "benchmark": benchmark, "split": split,
+                  "metrics": {k: v for k, v in metrics.items()
+                               if isinstance(v, (int, float)) and not isinstance(v, bool)}}
+        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    @property
+    def extra_benchmarks(self):
+        """`run.extra_validation`: [{name, cfg_path, split}] of evaluation configs (their task,
+        datasets and generation settings; their model section is not used) run every epoch."""
+        if not hasattr(self, "_extra_benchmarks"):
+            self._extra_benchmarks = []
+            for entry in self.config.run_cfg.get("extra_validation", None) or []:
+                self._extra_benchmarks.append(self._build_benchmark(entry))
+        return self._extra_benchmarks
+
+    def _build_benchmark(self, entry):
+        from lavis import tasks
+        from omegaconf import OmegaConf
+
+        for key in ("name", "cfg_path"):
+            if key not in entry:
+                raise KeyError(f"run.extra_validation entry {dict(entry)} has no {key!r}")
+        # relative to the working directory, or else to the directory of the run's config
+        main_cfg_dir = os.path.dirname(os.path.abspath(self.config.args.cfg_path))
+        candidates = [entry.cfg_path, os.path.join(main_cfg_dir, entry.cfg_path)]
+        cfg_path = next((c for c in candidates if os.path.isfile(c)), None)
+        if cfg_path is None:
+            raise FileNotFoundError(f"run.extra_validation {entry.name!r}: no config at {' or '.join(candidates)}")
+        raw = OmegaConf.load(cfg_path)
+        raw = OmegaConf.merge(raw, {"datasets": entry.get("datasets", {}) or {}})
+        run_cfg = OmegaConf.merge(raw.run, entry.get("run", {}) or {})
+        cfg = SimpleNamespace(run_cfg=run_cfg, datasets_cfg=PluginConfig.build_dataset_config(raw).datasets)
+        task = tasks.setup_task(cfg)
+        datasets = task.build_datasets(cfg)
+        split = entry.get("split", None) or (list(run_cfg.get("test_splits", [])) or ["val"])[0]
+        dataset = [d[split] for d in datasets.values()]
+        if len(dataset) != 1:
+            raise ValueError(f"run.extra_validation {entry.name!r}: expected one dataset, got {list(datasets)}")
+        loader = self.create_loaders([dataset[0]], num_workers=self.config.run_cfg.num_workers,
+                                     batch_sizes=[self.config.run_cfg.batch_size_eval], is_trains=[False],
+                                     collate_fns=[getattr(dataset[0], "collater", None)])[0]
+        return SimpleNamespace(name=entry.name, task=task, split=split, dataset=dataset[0], loader=loader)
+
+    @torch.no_grad()
+    def validate_extra_benchmarks(self, epoch):
+        if not self.extra_benchmarks:
+            return
+        model = self.unwrap_dist_model(self.model)
+        model.eval()
+        result_dir = registry.get_path("result_dir")
+        for bench in self.extra_benchmarks:
+            # each benchmark's result files in its own folder: tasks name them by split only
+            registry.mapping["paths"]["result_dir"] = os.path.join(result_dir, bench.name)
+            os.makedirs(registry.get_path("result_dir"), exist_ok=True)
+            try:
+                bench.task.before_evaluation(model=model, dataset=bench.dataset)
+                results = bench.task.evaluation(model, bench.loader, cuda_enabled=self.cuda_enabled)
+                metrics = bench.task.after_evaluation(val_result=results, split_name=bench.split, epoch=epoch)
+            finally:
+                registry.mapping["paths"]["result_dir"] = result_dir
+            if metrics is not None and is_main_process():
+                self.log_metrics(epoch, bench.name, bench.split, metrics)
+                self.log_stats({**metrics, "epoch": epoch}, f"val_{bench.name}")
+
     # ------------------------------------------------------------------ data
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns,
                        dataset_ratios=None):
-        """LAVIS's loader construction; the CUDA prefetcher only when running on CUDA."""
-
-        def _create_loader(dataset, bsz, is_train, collate_fn):
+        """LAVIS's loader construction, except: the CUDA prefetcher only on CUDA; training
+        samplers are seeded DistributedSamplers (also for one process) whose epoch the runner
+        sets, so the data order is a function of (seed, epoch); a single map-style training
+        set is iterated afresh each epoch (LAVIS's IterLoader only for mixtures, which
+        sample from several loaders)."""
+        def _create_loader(dataset, bsz, is_train, collate_fn, infinite):
             if isinstance(dataset, (ChainDataset, wds.DataPipeline)):
                 # webdataset pipelines shard, shuffle and collate themselves
                 return iter(DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
                                        pin_memory=self.cuda_enabled))
             sampler = None
-            if self.use_distributed and (is_train or self.use_dist_eval_sampler):
-                sampler = DistributedSampler(dataset, shuffle=is_train, num_replicas=get_world_size(),
+            if is_train:
+                sampler = DistributedSampler(dataset, shuffle=True, num_replicas=get_world_size(),
+                                             rank=get_rank(), seed=int(self.config.run_cfg.seed))
+                self._train_samplers.append(sampler)
+            elif self.use_distributed and self.use_dist_eval_sampler:
+                sampler = DistributedSampler(dataset, shuffle=False, num_replicas=get_world_size(),
                                              rank=get_rank())
             loader = DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
-                                pin_memory=self.cuda_enabled, sampler=sampler,
-                                shuffle=sampler is None and is_train, collate_fn=collate_fn,
+                                pin_memory=self.cuda_enabled, sampler=sampler, collate_fn=collate_fn,
                                 drop_last=is_train)
             if self.cuda_enabled:
                 loader = PrefetchLoader(loader)
-            if is_train:
-                loader = IterLoader(loader, use_distributed=self.use_distributed)
+            if is_train and infinite:
+                loader = IterLoader(loader, use_distributed=True)  # True: it calls set_epoch
             return loader
 
         loaders = []
         for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
             if isinstance(dataset, (list, tuple)):
                 loaders.append(MultiIterLoader(
-                    loaders=[_create_loader(d, bsz, is_train, collate_fn[i]) for i, d in enumerate(dataset)],
+                    loaders=[_create_loader(d, bsz, is_train, collate_fn[i], infinite=True)
+                             for i, d in enumerate(dataset)],
                     ratios=dataset_ratios))
             else:
-                loaders.append(_create_loader(dataset, bsz, is_train, collate_fn))
+                loaders.append(_create_loader(dataset, bsz, is_train, collate_fn,
+                                              infinite=self.infinite_train_loader))
         return loaders
 
     # ------------------------------------------------------------------ checkpoints
@@ -185,6 +310,7 @@ class PortableRunner(RunnerBase):
             "config": self.config.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
+            "stage": self.stage_of(cur_epoch),
         }
         save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
@@ -195,6 +321,9 @@ class PortableRunner(RunnerBase):
         required = [n for n, p in model.named_parameters() if p.requires_grad]
         load_state_with_report(model, checkpoint["model"], source, required=required).log("checkpoint")
 
+    def prepare_resume(self, checkpoint):
+        """Hook: put the runner in the checkpoint's state before its weights are loaded."""
+
     def _reload_best_model(self, model):
         checkpoint_path = os.path.join(self.output_dir, "checkpoint_best.pth")
         logging.info("Loading checkpoint from %s.", checkpoint_path)
@@ -204,6 +333,7 @@ class PortableRunner(RunnerBase):
     def _load_checkpoint(self, url_or_filename):
         """Resume: model (trainable part), optimizer, scaler and epoch."""
         checkpoint = load_checkpoint_file(url_or_filename)
+        self.prepare_resume(checkpoint)
         self._load_trainable(self.unwrap_dist_model(self.model), checkpoint, url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):

@@ -63,15 +63,3 @@ class Blip2LLaMA(Blip2VLLLM):
         "vl_llama7b": "models/configs/llama/vl_llama7b.yaml",
         "tiny_llama": "models/configs/llama/tiny_llama.yaml",
     }
-
-
-@registry.register_model("blip2_vicuna")
-@registry.register_model("blip2_vicuna_vpgtrans")
-class Blip2Vicuna(Blip2LLaMA):
-    """VL-Vicuna: BLIP-2 with a Vicuna LLM, the paper's multimodal chatbot."""
-
-    PRETRAINED_MODEL_CONFIG_DICT = {
-        "vicuna7b": "models/configs/vicuna/vicuna7b.yaml",
-        "vl_vicuna7b": "models/configs/vicuna/vl_vicuna7b.yaml",
-        "tiny_vicuna": "models/configs/vicuna/tiny_vicuna.yaml",
-    }

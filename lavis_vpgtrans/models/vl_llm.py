@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForC
 
 from lavis_vpgtrans.common.checkpoint import (CheckpointError, load_checkpoint_file,
                                               load_state_with_report)
+from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.projector import known_projector_names
 from lavis_vpgtrans.toy import zoo
 
@@ -68,6 +69,9 @@ class Blip2VLLLM(Blip2Base):
         max_txt_len: int = 32,
         max_output_txt_len: int = 32,
         train_vpg: bool = True,
+        pformer_model_type: str = None,
+        pformer_checkpoint: str = None,
+        align_weight: float = 0.0,
     ):
         super().__init__()
         if self.projector_name is None:
@@ -106,6 +110,13 @@ class Blip2VLLLM(Blip2Base):
         self.vqa_prompt = vqa_prompt
         self.max_txt_len = max_txt_len
         self.max_output_txt_len = max_output_txt_len
+        # P-Former alignment (off when align_weight is 0): a frozen encoder whose prefix is
+        # not trainable, so set_trainable freezes it and training checkpoints leave it out.
+        self.align_weight = float(align_weight)
+        self.pformer = None
+        if self.align_weight > 0:
+            self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token,
+                                               llm_width=self.llm_model.config.hidden_size)
         self.set_trainable(train_vpg)
 
     # ------------------------------------------------------------------ construction
@@ -186,6 +197,9 @@ class Blip2VLLLM(Blip2Base):
             max_txt_len=cfg.get("max_txt_len", 32),
             max_output_txt_len=cfg.get("max_output_txt_len", 32),
             train_vpg=cfg.get("train_vpg", True),
+            pformer_model_type=cfg.get("pformer_model_type", None),
+            pformer_checkpoint=cfg.get("pformer_checkpoint", None),
+            align_weight=cfg.get("align_weight", 0.0),
         )
         model.load_checkpoint_from_config(cfg)
         return model
@@ -212,6 +226,8 @@ class Blip2VLLLM(Blip2Base):
         frozen = [self.visual_encoder, self.llm_model]
         if not self.train_vpg:
             frozen += [self.Qformer, self.ln_vision]
+        if self.pformer is not None:
+            frozen.append(self.pformer)
         return frozen
 
     def train(self, mode: bool = True):
@@ -245,7 +261,9 @@ class Blip2VLLLM(Blip2Base):
         path = zoo.resolve(url_or_path)
         state = load_checkpoint_file(path)["model"]
         has_vit = any(k.startswith("visual_encoder.") for k in state)
-        required = [k for k in self.state_dict() if k.startswith(TRAINABLE_VPG_PREFIXES)
+        # Parameters only: buffers (the Q-Former's position_ids) are not in trainable-only
+        # checkpoints such as our runner's, e.g. a P-Former stage-1 Q-Former.
+        required = [k for k, _ in self.named_parameters() if k.startswith(TRAINABLE_VPG_PREFIXES)
                     or (has_vit and k.startswith("visual_encoder."))]
         report = load_state_with_report(
             self, state, path,
@@ -329,7 +347,14 @@ class Blip2VLLLM(Blip2Base):
                 loss = self._seq2seq_loss(prompts, prefixes, targets)
             else:
                 loss = self._causal_loss(prompts, prefixes, targets)
-        return {"loss": loss}
+        out = {"loss": loss, "loss_lm": loss}
+        if self.pformer is not None:
+            if "text_output" in samples:
+                raise ValueError("align_weight > 0 needs caption samples: the P-Former's reference prompt "
+                                 "is the one that makes the LLM produce the caption, not a prefix-LM answer")
+            out["loss_align"] = alignment_loss(prompts, self.pformer.reference_prompts(targets))
+            out["loss"] = loss + self.align_weight * out["loss_align"]
+        return out
 
     def _causal_loss(self, prompts, prefixes, targets):
         device = prompts.device

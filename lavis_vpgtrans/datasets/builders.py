@@ -10,6 +10,7 @@ and a missing file is an error naming the dataset, split, path and what produces
 
 import os
 
+from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from lavis.datasets.datasets.coco_caption_datasets import COCOCapDataset, COCOCapEvalDataset
@@ -91,3 +92,65 @@ class ToyVQABuilder(LocalFilesBuilder):
     train_dataset_cls = COCOVQADataset
     eval_dataset_cls = COCOVQAEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/vqa.yaml"}
+
+
+def caption_shard_pipeline(urls, vis_processor, text_processor, caption_key="caption",
+                           shuffle_buffer=1000, seed=0):
+    """An endless stream of {"image", "text_input"} from image-caption webdataset shards
+    (jpg + json): shards resampled with replacement and samples shuffled in a buffer, both
+    seeded (per rank, so ranks read different shards). Undecodable samples are skipped with
+    a warning, as web-scale data has some."""
+    import webdataset as wds
+
+    def to_sample(pair):
+        image, meta = pair
+        if caption_key not in meta:
+            raise KeyError(f"webdataset sample has no {caption_key!r} in its json (keys: {sorted(meta)})")
+        return {"image": vis_processor(image), "text_input": text_processor(meta[caption_key])}
+
+    return wds.DataPipeline(
+        wds.ResampledShards(urls, seed=seed, deterministic=True),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.shuffle(shuffle_buffer, seed=seed),
+        wds.decode("pilrgb", handler=wds.warn_and_continue),
+        wds.to_tuple("jpg", "json", handler=wds.warn_and_continue),
+        wds.map(to_sample, handler=wds.warn_and_continue),
+    )
+
+
+@registry.register_builder("laion_coco")
+class LaionCocoBuilder(LocalFilesBuilder):
+    """LAION-COCO (or any image-caption webdataset) as a training stream.
+
+    `build_info.storage` is a brace pattern of tar shards (absolute, relative to `data_root`,
+    or toy:); only a train split. A stream has no length: train with the iteration-based
+    settings (run.iters_per_inner_epoch, run.max_iters), usually in a mixture by
+    run.train_dataset_ratios.
+    """
+
+    DATASET_CONFIG_DICT = {"default": "datasets/configs/laion_coco/defaults.yaml"}
+
+    def _resolve_paths(self):
+        self.config.build_info.storage = self.resolve_path(self.config.build_info.storage)
+
+    def shard_urls(self):
+        import braceexpand
+
+        return list(braceexpand.braceexpand(self.config.build_info.storage))
+
+    def _download_data(self):
+        missing = [u for u in self.shard_urls() if not os.path.isfile(u)]
+        if missing:
+            hint = self.config.build_info.get("how_to_get", None)
+            raise FileNotFoundError(
+                f"dataset 'laion_coco': {len(missing)} shard(s) not found, e.g. {missing[0]}"
+                + (f" ({hint})" if hint else ""))
+
+    def build(self):
+        self.build_processors()
+        info = self.config.build_info
+        return {"train": caption_shard_pipeline(
+            self.shard_urls(), self.vis_processors["train"], self.text_processors["train"],
+            caption_key=info.get("caption_key", "caption"),
+            shuffle_buffer=int(info.get("shuffle_buffer", 1000)),
+            seed=int(info.get("seed", 0)) + get_rank())}

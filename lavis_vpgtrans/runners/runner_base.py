@@ -29,6 +29,7 @@ import webdataset as wds
 from lavis.common.dist_utils import (get_rank, get_world_size, is_dist_avail_and_initialized,
                                      is_main_process, main_process)
 from lavis.common.registry import registry
+from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
 from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -44,9 +45,6 @@ from lavis_vpgtrans.common.config import PluginConfig
 class PortableRunner(RunnerBase):
     """Epoch-based training and evaluation with LAVIS's loop, on any device."""
 
-    # Epoch-based runs iterate the training set afresh each epoch; iteration-based runs
-    # draw from endless loaders.
-    infinite_train_loader = False
 
     def __init__(self, cfg, task, model, datasets, job_id):
         self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
@@ -152,12 +150,44 @@ class PortableRunner(RunnerBase):
             return None
         return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
 
+    @property
+    def iters_per_inner_epoch(self):
+        value = self.config.run_cfg.get("iters_per_inner_epoch", None)
+        return int(value) if value else None
+
+    @property
+    def infinite_train_loader(self) -> bool:
+        # Epoch-based runs iterate the training set afresh each epoch; iteration-based runs
+        # draw from endless loaders.
+        return self.iters_per_inner_epoch is not None
+
+    @property
+    def max_epoch(self):
+        if self.iters_per_inner_epoch is None:
+            return int(self.config.run_cfg.max_epoch)
+        max_iters = int(self.config.run_cfg.get("max_iters", 0))
+        if max_iters <= 0 or max_iters % self.iters_per_inner_epoch:
+            raise ValueError(f"run.max_iters={max_iters} must be a positive multiple of "
+                             f"run.iters_per_inner_epoch={self.iters_per_inner_epoch}")
+        return max_iters // self.iters_per_inner_epoch
+
     def train_epoch(self, epoch):
         self.seed_epoch(epoch)
         self.dataloaders  # noqa: B018  built lazily; creates the samplers
         for sampler in self._train_samplers:
             sampler.set_epoch(epoch)
-        return super().train_epoch(epoch)
+        if self.iters_per_inner_epoch is None:
+            if not hasattr(self.train_loader, "__len__"):
+                raise ValueError("this training set is a mixture or a stream without a length: "
+                                 "set run.iters_per_inner_epoch and run.max_iters (iteration-based)")
+            return super().train_epoch(epoch)
+        self.model.train()
+        return self.task.train_iters(
+            epoch=epoch, start_iters=epoch * self.iters_per_inner_epoch,
+            iters_per_inner_epoch=self.iters_per_inner_epoch, model=self.model,
+            data_loader=self.train_loader, optimizer=self.optimizer, scaler=self.scaler,
+            lr_scheduler=self.lr_scheduler, cuda_enabled=self.cuda_enabled, log_freq=self.log_freq,
+            accum_grad_iters=self.accum_grad_iters)
 
     def seed_epoch(self, epoch):
         """Seeds python, numpy and torch from (seed, epoch, rank): an epoch's dropout and
@@ -253,6 +283,40 @@ class PortableRunner(RunnerBase):
                 self.log_stats({**metrics, "epoch": epoch}, f"val_{bench.name}")
 
     # ------------------------------------------------------------------ data
+
+    @property
+    def dataloaders(self) -> dict:
+        """As LAVIS: datasets grouped by split, the training sets concatenated (map-style) or
+        chained (webdataset) -- or, with `run.train_dataset_ratios` {name: ratio}, sampled
+        from by those ratios."""
+        if self._dataloaders is None:
+            ratios = self.config.run_cfg.get("train_dataset_ratios", None)
+            train_ratios = None
+            if ratios is not None:
+                names = [n for n, splits in self.datasets.items() if "train" in splits]
+                missing, unexpected = set(ratios) - set(names), set(names) - set(ratios)
+                if missing or unexpected:
+                    raise ValueError(f"run.train_dataset_ratios {dict(ratios)} must name exactly the "
+                                     f"training datasets {names}")
+                train_ratios = [float(ratios[n]) for n in names]
+            by_split = reorg_datasets_by_split(self.datasets)
+            train_list = by_split.pop("train", None) if ratios is not None else None
+            self.datasets = concat_datasets(by_split)
+            if train_list is not None:
+                self.datasets["train"] = train_list if len(train_list) > 1 else train_list[0]
+
+            split_names = sorted(self.datasets)
+            datasets = [self.datasets[s] for s in split_names]
+            collate_fns = [[getattr(d, "collater", None) for d in ds] if isinstance(ds, (list, tuple))
+                           else getattr(ds, "collater", None) for ds in datasets]
+            loaders = self.create_loaders(
+                datasets=datasets, num_workers=self.config.run_cfg.num_workers,
+                batch_sizes=[self.config.run_cfg.batch_size_train if s == "train"
+                             else self.config.run_cfg.batch_size_eval for s in split_names],
+                is_trains=[s in self.train_splits for s in split_names],
+                collate_fns=collate_fns, dataset_ratios=train_ratios)
+            self._dataloaders = dict(zip(split_names, loaders))
+        return self._dataloaders
 
     def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns,
                        dataset_ratios=None):

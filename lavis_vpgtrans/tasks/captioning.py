@@ -181,7 +181,8 @@ class VPGTransCaptionTask(EvalTaskMixin, CaptionTask):
         datasets = super().build_datasets(cfg)
         owner: Dict[str, str] = {}
         for name, dcfg in self.dataset_configs.items():
-            for split, ann in dcfg.build_info.annotations.items():
+            # streams (webdataset shards) have no annotation files and no ground truth
+            for split, ann in (dcfg.build_info.get("annotations", None) or {}).items():
                 gt = ann.get(GT_KEY, None)
                 if not gt:
                     continue

@@ -12,6 +12,7 @@ The language models are pre-trained for a few seconds on the toy world's text.
   eva-vit/                 tiny EVA ViT (LAVIS's VisionTransformer): config.json + safetensors
   data/                    the synthetic image-caption / VQA dataset (see toy/world.py)
   benchmarks/              mini versions of the five evaluation benchmarks (toy/benchmarks.py)
+  laion_coco/              image-caption webdataset shards in the LAION-COCO layout (toy/shards.py)
 
 Model configs refer to these as "toy:<name>" (e.g. `llm_model: toy:opt-small`);
 `resolve()` maps such names to paths, building the zoo on first use. The zoo lives in
@@ -29,9 +30,9 @@ import tempfile
 import torch
 
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
-from lavis_vpgtrans.toy import world
+from lavis_vpgtrans.toy import shards, world
 
-ZOO_VERSION = "3"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "4"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "model.safetensors"
@@ -223,6 +224,7 @@ def build_zoo(out: str, seed: int = 0) -> None:
     data_dir = os.path.join(out, "data")
     world.write_dataset(data_dir, seed=seed)
     toy_benchmarks.write_benchmarks(os.path.join(out, "benchmarks"), seed=seed)
+    shards.write_caption_shards(os.path.join(out, "laion_coco"), seed=seed + 2)
     sentences = world.corpus_sentences(2000, seed=seed + 1)
     with open(os.path.join(data_dir, "corpus.txt"), "w") as f:
         f.write("\n".join(sentences) + "\n")

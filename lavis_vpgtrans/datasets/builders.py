@@ -4,7 +4,8 @@ LAVIS's builders download annotations into `cache_root` (which defaults to /expo
 Ours never download: every path in `build_info` is resolved once, at construction, against
   - "toy:<path>"  -> the offline toy zoo (built on first use),
   - an absolute path -> itself,
-  - a relative path -> `data_root` from the dataset config if set, else LAVIS's cache_root,
+  - a relative path -> `data_root` from the dataset config if set, else `run.data_root`,
+    else LAVIS's cache_root,
 and a missing file is an error naming the dataset, split, path and what produces it.
 """
 
@@ -15,6 +16,7 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from lavis.datasets.datasets.coco_caption_datasets import COCOCapDataset, COCOCapEvalDataset
 from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEvalDataset
+from lavis.datasets.datasets.image_text_pair_datasets import ImageTextPairDataset
 from omegaconf import ListConfig
 
 from lavis_vpgtrans.toy import zoo
@@ -37,7 +39,12 @@ class LocalFilesBuilder(BaseDatasetBuilder):
         self._resolve_paths()
 
     def _root(self) -> str:
+        """The dataset's data_root, else the run's `run.data_root`, else LAVIS's cache_root."""
         root = self.config.get("data_root", None)
+        if not root:
+            configuration = registry.get("configuration", no_warning=True)
+            run_cfg = getattr(configuration, "run_cfg", None) if configuration is not None else None
+            root = run_cfg.get("data_root", None) if run_cfg is not None else None
         return zoo.resolve(root) if root else registry.get_path("cache_root")
 
     def resolve_path(self, path: str) -> str:
@@ -92,6 +99,30 @@ class ToyVQABuilder(LocalFilesBuilder):
     train_dataset_cls = COCOVQADataset
     eval_dataset_cls = COCOVQAEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/vqa.yaml"}
+
+
+@registry.register_builder("vpgtrans_coco_caption_train")
+class COCOCaptionTrainBuilder(LocalFilesBuilder):
+    """COCO captions, Karpathy train split only (evaluation splits: vpgtrans_coco_caption)."""
+
+    train_dataset_cls = COCOCapDataset
+    DATASET_CONFIG_DICT = {"default": "datasets/configs/coco_caption_train/defaults.yaml"}
+
+
+@registry.register_builder("vpgtrans_sbu_caption")
+class SBUCaptionBuilder(LocalFilesBuilder):
+    """SBU captions (LAVIS's sbu.json + images), training only: the paper's stage-1 data."""
+
+    train_dataset_cls = ImageTextPairDataset
+    DATASET_CONFIG_DICT = {"default": "datasets/configs/sbu_caption/defaults.yaml"}
+
+
+@registry.register_builder("vpgtrans_vg_caption")
+class VGCaptionBuilder(LocalFilesBuilder):
+    """Visual Genome region captions (LAVIS's vg_caption.json + images), training only."""
+
+    train_dataset_cls = ImageTextPairDataset
+    DATASET_CONFIG_DICT = {"default": "datasets/configs/vg_caption/defaults.yaml"}
 
 
 def caption_shard_pipeline(urls, vis_processor, text_processor, caption_key="caption",

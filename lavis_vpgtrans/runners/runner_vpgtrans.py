@@ -11,7 +11,9 @@
 At the switch the trainable set changes, so the optimizer, the lr scheduler and the DDP
 wrapper are rebuilt. Checkpoints carry their stage; resuming enters that stage first.
 With warmup_epochs: 0 the runner is plain stage-2 training (the train-from-scratch and
-VPG-inherit baselines); with warmup_epochs = max_epoch it is stage 1 alone.
+VPG-inherit baselines); with warmup_epochs = max_epoch it is stage 1 alone. A stage 2 run
+after a separate stage-1 run sets `completed_warmup: true`, so that its epochs are counted
+after the warm-up epoch in metrics.jsonl (the paper counts the whole stage 1 as epoch 1).
 """
 
 import logging
@@ -69,7 +71,8 @@ class VPGTransRunner(PortableRunner):
         # the whole stage 1 counts as the first epoch (paper, Table 3)
         if self.stage_of(epoch) == 1:
             return 1
-        return epoch - self.warmup_epochs + (2 if self.warmup_epochs > 0 else 1)
+        had_warmup = self.warmup_epochs > 0 or bool(self.config.run_cfg.get("completed_warmup", False))
+        return epoch - self.warmup_epochs + (2 if had_warmup else 1)
 
     def enter_stage(self, stage: int) -> None:
         if stage == self.stage:

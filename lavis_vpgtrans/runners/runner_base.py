@@ -375,6 +375,7 @@ class PortableRunner(RunnerBase):
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
             "stage": self.stage_of(cur_epoch),
+            "iters": (cur_epoch + 1) * (self.iters_per_inner_epoch or len(self.train_loader)),
         }
         save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)

@@ -13,7 +13,6 @@ and the frozen ViT and P-Former stay in eval mode whatever the runner does.
 """
 
 import logging
-import os
 from typing import Dict, List
 
 import torch
@@ -26,7 +25,7 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
-from lavis_vpgtrans.models.pformer_encoder import PACKAGE_ROOT, alignment_loss, load_frozen_pformer
+from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
 from lavis_vpgtrans.toy import zoo
 
@@ -53,6 +52,8 @@ class Blip2QformerPFormer(Blip2Qformer):
         "tiny_opt_small": "models/configs/pformer/stage1_tiny_opt_small.yaml",
         "tiny_t5": "models/configs/pformer/stage1_tiny_t5.yaml",
     }
+    # Model-type yamls are looked up in this package (LAVIS's own looks in lavis/).
+    default_config_path = Blip2VLLLM.__dict__["default_config_path"]
 
     def __init__(
         self,
@@ -107,13 +108,6 @@ class Blip2QformerPFormer(Blip2Qformer):
             # Frozen, in eval mode, never in training checkpoints (requires_grad is False).
             self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token)
             self.add_module(self.projector_name, nn.Linear(hidden, self.pformer.llm_width))
-
-    @classmethod
-    def default_config_path(cls, model_type):
-        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
-            raise KeyError(f"unknown model type {model_type!r} for {cls.__name__}; "
-                           f"known: {sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
-        return os.path.join(PACKAGE_ROOT, cls.PRETRAINED_MODEL_CONFIG_DICT[model_type])
 
     @classmethod
     def from_config(cls, cfg):

@@ -13,7 +13,6 @@
 """
 
 import logging
-import os
 from typing import Dict, List
 
 import torch
@@ -23,7 +22,7 @@ from lavis.models.base_model import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
-from lavis_vpgtrans.models.pformer_encoder import PFORMER_MODEL_TYPES, PACKAGE_ROOT, PFormerEncoder
+from lavis_vpgtrans.models.pformer_encoder import PFORMER_MODEL_TYPES, PFormerEncoder
 from lavis_vpgtrans.models.vl_llm import DTYPES, Blip2VLLLM
 from lavis_vpgtrans.toy import zoo
 
@@ -78,6 +77,8 @@ class PFormer(BaseModel):
     """
 
     PRETRAINED_MODEL_CONFIG_DICT = PFORMER_MODEL_TYPES
+    # Model-type yamls are looked up in this package (LAVIS's own looks in lavis/).
+    default_config_path = Blip2VLLLM.__dict__["default_config_path"]
 
     # The VL-LLM's own tokenisation and autocast, so that the prompts are learned for the input
     # layout the LLM sees in stage 2. They read llm_tokenizer, max_txt_len and llm_dtype.
@@ -108,13 +109,6 @@ class PFormer(BaseModel):
         self.temperature = temperature
         self.contrastive_weight = contrastive_weight
         self.vocab_weight = vocab_weight
-
-    @classmethod
-    def default_config_path(cls, model_type):
-        if model_type not in cls.PRETRAINED_MODEL_CONFIG_DICT:
-            raise KeyError(f"unknown model type {model_type!r} for {cls.__name__}; "
-                           f"known: {sorted(cls.PRETRAINED_MODEL_CONFIG_DICT)}")
-        return os.path.join(PACKAGE_ROOT, cls.PRETRAINED_MODEL_CONFIG_DICT[model_type])
 
     @classmethod
     def from_config(cls, cfg):

@@ -6,7 +6,7 @@ Annotation files, any mix per split:
     reference captions: each becomes a sentence) or a "text" / "sentence" field. So LAVIS
     caption annotation files (COCO, VG, LAION-COCO style) are reused as sentence files.
 Each sample is {"text_input": processed sentence}. Paths resolve as in LocalFilesBuilder
-("toy:...", absolute, or relative to `data_root`).
+("toy:...", absolute, or relative to the dataset's / the run's `data_root`).
 """
 
 import json

@@ -195,19 +195,21 @@ _TRAMPOLINE = """
 import os, subprocess, sys
 proc = subprocess.Popen(sys.argv[1:])
 _, status, usage = os.wait4(proc.pid, 0)
-sys.stderr.write("\\nPEAK_RSS_KIB %d\\n" % usage.ru_maxrss)
+sys.stderr.write("\\nPEAK_RSS_KIB %d CPU_S %.2f\\n" % (usage.ru_maxrss, usage.ru_utime + usage.ru_stime))
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
 def run_measured(cmd, env):
-    """(wall seconds, peak RSS of the command in MiB, exit code, stdout, stderr)."""
+    """(wall seconds, CPU seconds (user + system), peak RSS of the command in MiB, exit code,
+    stdout, stderr). CPU time does not grow when other processes share the cores; wall does."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", _TRAMPOLINE, *cmd], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     marks = [line for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KIB ")]
     rss = int(marks[-1].split()[1]) / 1024 if marks else float("nan")
-    return wall, rss, proc.returncode, proc.stdout, proc.stderr
+    cpu = float(marks[-1].split()[3]) if marks else float("nan")
+    return wall, cpu, rss, proc.returncode, proc.stdout, proc.stderr
 
 
 def main():
@@ -256,21 +258,22 @@ def main():
                "--src-arch", spec["src_arch"], "--tgt-arch", spec["tgt_arch"], *args.cli_args]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         load_before = os.getloadavg()[0]
-        wall, rss, code, stdout, stderr = run_measured(cmd, env)
+        wall, cpu, rss, code, stdout, stderr = run_measured(cmd, env)
+        load_after = os.getloadavg()[0]
         if code != 0:
             print(stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"[{spec['name']}] the CLI failed with exit code {code}")
         meta = torch.load(out, map_location="cpu", weights_only=True)["metadata"]
-        result = {"transfer": spec["name"], "wall_s": round(wall, 1), "peak_rss_mib": round(rss),
-                  "load_avg_before": round(load_before, 2), "overlap": meta["overlap"],
+        result = {"transfer": spec["name"], "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                  "peak_rss_mib": round(rss), "load_avg": [round(load_before, 2), round(load_after, 2)], "overlap": meta["overlap"],
                   "shared_by_construction": len(pairs), "quality": meta["quality"], "fit": meta["fit"],
                   "timings_s": meta["timings_s"], "cpu_count": os.cpu_count()}
         results.append(result)
-        print(f"[{spec['name']}] wall {wall:.1f} s, peak RSS {rss:.0f} MiB; overlap {meta['overlap']['pairs']} pairs "
+        print(f"[{spec['name']}] wall {wall:.1f} s, CPU {cpu:.1f} s, peak RSS {rss:.0f} MiB; overlap {meta['overlap']['pairs']} pairs "
               f"({meta['overlap']['text_pairs']} text + {meta['overlap']['special_pairs']} special; {len(pairs)} shared "
               f"by construction); held-out mean cosine {meta['quality']['held_out_mean_cosine']:.4f}, top-1 NN "
               f"{meta['quality']['held_out_top1_nn_accuracy']:.4f}; phases {meta['timings_s']}; "
-              f"load average before {load_before:.2f}", flush=True)
+              f"load average before / after {load_before:.2f} / {load_after:.2f}", flush=True)
 
     if args.json:
         with open(args.json, "w") as f:

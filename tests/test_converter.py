@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lavis_vpgtrans.common.checkpoint import save_checkpoint_atomic
-from lavis_vpgtrans.transfer.converter import (ConverterConfig, LinearMap, convert, evaluate, fit_converter,
-                                               least_squares, main, merge_projector)
+from lavis_vpgtrans.transfer.converter import (ConverterConfig, LinearMap, convert, fit_converter, least_squares,
+                                               main, mean_cosine, merge_projector, top1_accuracy)
 from lavis_vpgtrans.transfer.embeddings import TransferError, embedding_shape, load_input_embeddings
 from lavis_vpgtrans.transfer.pairing import (frequency_weights, load_tokenizer, pair_tokens, read_captions,
                                              token_bytes, token_counts)
@@ -251,9 +251,8 @@ def test_cosine_epochs_improve_on_the_closed_form_when_norms_vary():
     fit, held = torch.arange(2700), torch.arange(2700, n)
     closed = fit_converter(x, y, fit, fit, epochs=0)
     tuned = fit_converter(x, y, fit, fit, epochs=3, seed=1)
-    assert tuned.kept == "epochs" and tuned.final_loss < tuned.closed_form_loss == closed.loss
-    assert (evaluate(tuned.converter, x, y, held, held)["mean_cosine"]
-            > evaluate(closed.converter, x, y, held, held)["mean_cosine"])
+    assert tuned.kept == "epochs" and tuned.final_loss < tuned.closed_form_loss == pytest.approx(closed.loss)
+    assert mean_cosine(tuned.converter, x, y, held, held) > mean_cosine(closed.converter, x, y, held, held)
 
 
 def test_epochs_that_do_not_help_are_discarded():
@@ -276,10 +275,11 @@ def test_nearest_neighbour_accuracy_is_chunk_independent():
     brute = (pred @ torch.nn.functional.normalize(tgt.float(), dim=1).t()).argmax(1)
     t_ids[:20] = brute[:20]  # make some of them hits
     expected = float((brute == t_ids).float().mean())
-    small = evaluate(conv, src, tgt, s_ids, t_ids, chunk_rows=6, chunk_vocab=11)
-    whole = evaluate(conv, src, tgt, s_ids, t_ids)
-    assert small["top1_nn_accuracy"] == whole["top1_nn_accuracy"] == pytest.approx(expected)
-    assert small["mean_cosine"] == pytest.approx(whole["mean_cosine"], abs=1e-6)
+    small = top1_accuracy(conv, src, tgt, s_ids, t_ids, chunk_rows=6, chunk_vocab=11)
+    assert small == top1_accuracy(conv, src, tgt, s_ids, t_ids) == pytest.approx(expected)
+    brute50 = (pred @ torch.nn.functional.normalize(tgt[:50].float(), dim=1).t()).argmax(1)  # first 50 rows only
+    assert top1_accuracy(conv, src, tgt, s_ids, t_ids, candidates=50) == pytest.approx(
+        float((brute50 == t_ids).float().mean()))
 
 
 def test_merge_is_the_composition():
@@ -318,8 +318,8 @@ def test_corpus_weighted_run_records_the_corpus(tmp_path, toy_zoo, tokenizers):
     write_projector(tmp_path / "proj.pth", "opt_proj", 16)
     corpus = os.path.join(toy_zoo, "data", "corpus.txt")
     ck = convert(ConverterConfig(src=src, tgt=tgt, projector=str(tmp_path / "proj.pth"), tgt_arch="blip2_opt",
-                                 corpus=corpus, epochs=1))
-    assert ck["metadata"]["corpus"] == corpus
+                                 corpus=corpus, epochs=1, nn_sample=10))
+    assert ck["metadata"]["corpus"] == corpus and ck["metadata"]["quality"]["nn_pairs"] == 10
     assert ck["metadata"]["quality"]["held_out_mean_cosine"] > 0.99
 
 

@@ -155,6 +155,39 @@ def test_loads_exactly_the_input_embeddings(tmp_path, tokenizers, fmt):
     assert embedding_shape(path) == tuple(emb.shape)
 
 
+@pytest.mark.parametrize("name,key,hidden", [("opt-small", "model.decoder.embed_tokens.weight", 32),
+                                             ("llama", "model.embed_tokens.weight", 64), ("t5", "shared.weight", 48)])
+def test_finds_the_input_embeddings_of_each_family(toy_zoo, tokenizers, name, key, hidden):
+    loaded = load_input_embeddings(os.path.join(toy_zoo, name))
+    assert loaded.key == key and loaded.weight.shape == (len(tokenizers[name]), hidden)
+
+
+def test_unknown_model_types_and_explicit_keys(tmp_path, tokenizers):
+    import json
+
+    path = write_llm(tmp_path / "m", "llama", tokenizers["llama"], 24)
+    with open(os.path.join(path, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({**config, "model_type": "mystery"}, f)
+    assert load_input_embeddings(path).key == "model.embed_tokens.weight"  # the one *embed_tokens.weight
+    assert load_input_embeddings(path, key="lm_head.weight").key == "lm_head.weight"
+    with pytest.raises(TransferError, match="'model.wte.weight' not found"):
+        load_input_embeddings(path, key="model.wte.weight")
+
+
+def test_ambiguous_embeddings_list_the_candidates(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mystery", "vocab_size": 4}))
+    save_file({"enc.embed_tokens.weight": torch.zeros(4, 2), "dec.wte.weight": torch.zeros(4, 2),
+               "enc.layer.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(TransferError, match="candidates: dec.wte.weight, enc.embed_tokens.weight"):
+        load_input_embeddings(str(tmp_path))
+
+
 def test_sharded_load_opens_only_the_shard_holding_the_embeddings(tmp_path, tokenizers):
     import json
 

@@ -9,8 +9,8 @@ linear word-embedding converter g_c(e) = W_c e + b_c from LLM_src's input embedd
 2. Fit g_c: closed-form (ridge-regularised) weighted least squares with bias, then, for the
    cosine loss, epochs of Adam on L = 1 - cos(g_c(x_s), x_t). The closed form is already the
    exact minimiser of the euclidean (squared distance) loss, so that loss runs no epochs.
-   Of the closed form and the state after the epochs, the one with the lower loss on the fit
-   pairs is kept.
+   Of the closed form and the state after the epochs, the one with the lower loss on a fixed
+   sample of the fit pairs is kept.
 3. Report quality on the held-out pairs: mean cosine to the true target embedding, and top-1
    nearest-neighbour accuracy (cosine) over the whole target vocabulary on a seeded sample of
    them (--nn-sample), chunked so nothing vocab x vocab is ever built.
@@ -31,8 +31,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lavis_vpgtrans.transfer.embeddings import TransferError, embedding_shape, load_input_embeddings
-from lavis_vpgtrans.transfer.pairing import (TokenPairs, frequency_weights, load_tokenizer, pair_tokens,
-                                             read_captions, token_counts)
+from lavis_vpgtrans.transfer.pairing import frequency_weights, load_tokenizer, pair_tokens, read_captions, token_counts
 
 logger = logging.getLogger(__name__)
 
@@ -389,7 +388,6 @@ def convert(cfg: ConverterConfig) -> Dict:
     tgt = load_input_embeddings(cfg.tgt, cfg.tgt_embedding_key)
     lap("embeddings")
 
-    torch.manual_seed(cfg.seed)
     fit = fit_converter(src.weight, tgt.weight, pairs.src_ids[fit_idx], pairs.tgt_ids[fit_idx],
                         None if weights is None else weights[fit_idx], loss=cfg.loss, epochs=cfg.epochs,
                         lr=cfg.lr, batch_size=cfg.batch_size, seed=cfg.seed, ridge=cfg.ridge, device=cfg.device)

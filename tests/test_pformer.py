@@ -17,6 +17,16 @@ TEXTS = ["a red circle at the top left",
          "there is a blue square at the bottom right and a green triangle at the top left"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core machine: one intra-op thread avoids OpenMP contention
+    (several times faster under load); restored after this module."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pf(plugin):
     """The P-Former modules, imported here (not at collection) so that their registry names

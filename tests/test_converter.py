@@ -176,6 +176,24 @@ def test_unknown_model_types_and_explicit_keys(tmp_path, tokenizers):
         load_input_embeddings(path, key="model.wte.weight")
 
 
+class _Pickled:
+    """Any class: pickled by reference, which a weights-only load must refuse."""
+
+
+def test_legacy_and_unsafe_bin_files(tmp_path):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    emb = torch.randn(5, 3)
+    torch.save({"model.embed_tokens.weight": emb}, str(tmp_path / "pytorch_model.bin"),
+               _use_new_zipfile_serialization=False)  # cannot be memory-mapped: read whole
+    torch.testing.assert_close(load_input_embeddings(str(tmp_path)).weight, emb, atol=0, rtol=0)
+    # an arbitrary pickled object is refused (weights_only), not executed
+    torch.save({"model.embed_tokens.weight": emb, "x": _Pickled()}, str(tmp_path / "pytorch_model.bin"))
+    with pytest.raises(TransferError, match="weights-only"):
+        load_input_embeddings(str(tmp_path))
+
+
 def test_ambiguous_embeddings_list_the_candidates(tmp_path):
     import json
 

@@ -144,8 +144,8 @@ def _load_bin(path: str) -> Dict[str, torch.Tensor]:
     """A torch .bin state dict, read safely; memory-mapped so that unused tensors cost nothing."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # only the legacy (non-zip) format cannot be mapped
+    except Exception as e:  # UnpicklingError for non-tensor content, RuntimeError for the rest
+        if not (isinstance(e, RuntimeError) and "mmap" in str(e)):  # legacy (non-zip) files cannot be mapped
             raise TransferError(f"{path}: cannot be read as a weights-only torch file: {e}") from e
     try:
         return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,107 @@
+"""A toy instruction set in MiniGPT-4's self-instruct layout, from the toy world's scenes.
+
+    python -m lavis_vpgtrans.toy.instruct --out DIR
+
+writes
+    DIR/filter_cap.json   {"annotations": [{"image_id": "1", "caption": "<detailed description>"}, ...]}
+    DIR/image/<image_id>.jpg
+
+like MiniGPT-4's cc_sbu_align (3,439 pairs there). The answers are longer, "detailed"
+descriptions of a scene (count, then each shape with its colour and place), so the toy
+stage 3 teaches the same thing as the real one: answer the instruction at length, then "###".
+
+`ensure_instruct_set()` builds it once inside the toy zoo, where dataset configs find it as
+"toy:instruct" (see datasets/configs/minigpt4/toy.yaml).
+"""
+
+import argparse
+import json
+import os
+import random
+import shutil
+import tempfile
+from typing import Sequence
+
+from lavis_vpgtrans.toy import world
+
+TOY_ROOT = "toy:instruct"
+INSTRUCT_DIR = "instruct"
+VERSION = "1"  # bump when the content changes; stale sets are rebuilt
+
+
+def describe(scene: Sequence[world.Thing], rng: random.Random) -> str:
+    """A several-sentence description of a scene, in words the toy LLMs know (they have a
+    128-token context, so the whole conversation must stay short)."""
+    n = len(scene)
+    ordered = sorted(scene, key=lambda t: world.CELLS[t.cell][::-1])
+    things = [f"a {t.color} {t.shape} at the {t.cell}" for t in ordered]
+    if rng.random() < 0.3:  # some variety in the order
+        rng.shuffle(things)
+    opening = f"an image with {world.NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}."
+    body = f"there is {' and '.join(things)}."
+    empty = [c for c in world.CELLS if c not in {t.cell for t in scene}]
+    closing = (f"the {' and the '.join(empty)} {'are' if len(empty) > 1 else 'is'} empty." if empty
+               else "there is a shape in every cell.")
+    return f"{opening} {body} {closing}"
+
+
+def write_instruct_set(out_dir: str, n: int = 96, seed: int = 7) -> str:
+    """Writes n image-description pairs; returns the path of filter_cap.json."""
+    rng = random.Random(seed)
+    image_dir = os.path.join(out_dir, "image")
+    os.makedirs(image_dir, exist_ok=True)
+    annotations = []
+    for i in range(1, n + 1):
+        scene = world.sample_scene(rng)
+        world.render(scene).save(os.path.join(image_dir, f"{i}.jpg"), quality=95)
+        annotations.append({"image_id": str(i), "caption": describe(scene, rng)})
+    path = os.path.join(out_dir, "filter_cap.json")
+    with open(path, "w") as f:
+        json.dump({"annotations": annotations}, f, indent=1)
+    return path
+
+
+def ensure_instruct_set(zoo_root: str = None) -> str:
+    """The toy instruction set inside the toy zoo (built once; safe under torchrun)."""
+    from filelock import FileLock
+
+    from lavis_vpgtrans.toy import zoo
+
+    zoo_root = zoo.ensure_zoo(zoo_root)
+    root = os.path.join(zoo_root, INSTRUCT_DIR)
+    stamp = os.path.join(root, "VERSION")
+
+    def ready():
+        return os.path.isfile(stamp) and open(stamp).read().strip() == VERSION
+
+    if ready():
+        return root
+    with FileLock(root + ".lock"):
+        if ready():
+            return root
+        # Built aside and renamed into place, so a reader never sees half a set.
+        tmp = tempfile.mkdtemp(prefix=".instruct_build_", dir=zoo_root)
+        try:
+            write_instruct_set(tmp)
+            with open(os.path.join(tmp, "VERSION"), "w") as f:
+                f.write(VERSION)
+            if os.path.exists(root):
+                shutil.rmtree(root)
+            os.rename(tmp, root)
+        finally:
+            if os.path.exists(tmp):
+                shutil.rmtree(tmp)
+    return root
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--n", type=int, default=96, help="number of image-description pairs")
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    print(write_instruct_set(args.out, n=args.n, seed=args.seed))
+
+
+if __name__ == "__main__":
+    main()

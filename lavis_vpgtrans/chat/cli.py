@@ -1,0 +1,77 @@
+"""Terminal chat with VL-Vicuna about an image.
+
+    python -m lavis_vpgtrans.chat --model-type vl_vicuna7b --llm-model VICUNA_DIR \
+        --checkpoint vl-vicuna.pth --image photo.jpg
+
+Type a message and press Enter; the answer is printed as "Assistant: ...". Commands:
+/image PATH (new image, new conversation), /reset (forget the conversation), /quit (or EOF).
+Reads stdin line by line, so it can be scripted: printf 'Describe it.\n' | python -m ...
+"""
+
+import argparse
+import logging
+import sys
+
+from lavis_vpgtrans.chat.conversation import ConversationError
+from lavis_vpgtrans.chat.session import ImageInputError, add_generation_args, engine_from_args
+
+HELP = "commands: /image PATH, /reset, /quit"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lavis_vpgtrans.chat", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", required=True, help="the image to talk about")
+    add_generation_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    engine = engine_from_args(args)
+    try:
+        state = engine.open_image(args.image)
+    except ImageInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    interactive = sys.stdin.isatty()
+    print(f"Chatting about {state.image_name} ({HELP})", file=sys.stderr, flush=True)
+    while True:
+        try:
+            line = input("You: " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            state.history.clear()
+            print("(conversation reset)", file=sys.stderr, flush=True)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                state = engine.open_image(path)
+                print(f"(new conversation about {state.image_name})", file=sys.stderr, flush=True)
+            except ImageInputError as e:
+                print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        if line.startswith("/"):
+            print(f"error: unknown command {line.split()[0]!r} ({HELP})", file=sys.stderr, flush=True)
+            continue
+        try:
+            answer = engine.reply(state, line)
+        except (ConversationError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            continue
+        print(f"Assistant: {answer}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,7 +26,7 @@ def open_image(path: str, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
         raise ImageInputError(f"{name}: no such file")
     size = os.path.getsize(path)
     if size > max_bytes:
-        raise ImageInputError(f"{name} is {size / 2**20:.1f} MB; the upload limit is {max_bytes / 2**20:.1f} MB")
+        raise ImageInputError(f"{name} is {size / 2**20:.3g} MB; the upload limit is {max_bytes / 2**20:.3g} MB")
     try:
         with Image.open(path) as probe:
             width, height = probe.size

@@ -44,7 +44,8 @@ def load_checkpoint_file(url_or_path: str) -> Dict:
             meta = f.metadata() or {}
         return {"model": state, "metadata": {k: _maybe_json(v) for k, v in meta.items()}}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap: a multi-GB source checkpoint is paged in only where read (e.g. its projector)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
     except Exception as e:  # weights_only refuses pickled objects other than tensors/containers
         raise CheckpointError(f"{path}: cannot be read as a safe (weights-only) checkpoint: {e}") from e
     if not isinstance(obj, dict):
@@ -54,6 +55,13 @@ def load_checkpoint_file(url_or_path: str) -> Dict:
     if not isinstance(obj["model"], dict):
         raise CheckpointError(f"{path}: 'model' is not a state dict")
     return obj
+
+
+def _is_zip(path: str) -> bool:
+    """torch.save's default (zip) format, the only one torch.load can memory-map."""
+    import zipfile
+
+    return zipfile.is_zipfile(path)
 
 
 def _maybe_json(value: str):

@@ -325,6 +325,12 @@ def test_chat_fits_long_histories_and_names_an_overlong_message(vl_model, toy_se
     assert turns[0] == history[0] and turns[-1] == ("and now?", None) and len(turns) < 13
     assert len(vl_model.tokenize_conversation(turns).ids) + 10 <= vl_model.max_context_len
     assert isinstance(vl_model.chat(image, "and now?", history=history, max_new_tokens=10), str)
+    # with nothing left to drop, the answer gets the room that is left
+    first = [("Describe this image in detail.", "two shapes: red circle, blue square and there is a red "
+              "circle at the top left and a blue square at the bottom right")]
+    room = vl_model.max_context_len - len(vl_model.tokenize_conversation(first + [("and now?", None)]).ids)
+    assert 0 < room < 100
+    assert isinstance(vl_model.chat(image, "and now?", history=first, max_new_tokens=100), str)
     with pytest.raises(ConversationError, match="over the model's max_context_len of 128"):
         vl_model.chat(image, "describe " * 100, max_new_tokens=10)
 
@@ -418,3 +424,34 @@ def test_vl_vicuna7b_asks_for_the_local_vicuna_dir(plugin_and_builder):
 
     with pytest.raises(ValueError, match="pass the local LLM directory"):
         load_chat_model("blip2_vicuna", "vl_vicuna7b", checkpoint="vl-vicuna.pth")
+
+
+def test_stage3_config_runs_with_tiny_models_and_keeps_the_paper_settings(plugin_and_builder, tmp_path):
+    """projects/vpgtrans/stage3_vicuna_instruct.yaml as users run it (data under run.data_root,
+    the stage-2 checkpoint as model.finetuned), with the tiny model swapped in."""
+    from omegaconf import OmegaConf
+
+    from lavis_vpgtrans.cli import train_main
+    from lavis_vpgtrans.toy.instruct import write_instruct_set
+
+    cfg_path = os.path.join(REPO, "projects", "vpgtrans", "stage3_vicuna_instruct.yaml")
+    run = OmegaConf.load(cfg_path).run
+    assert (run.init_lr, run.min_lr, run.warmup_steps, run.max_iters) == (1e-5, 1e-6, 200, 800)
+    assert run.batch_size_train * run.accum_grad_iters * 8 == 120  # on 8 GPUs, as the paper
+
+    write_instruct_set(str(tmp_path / "data" / "cc_sbu_align"), n=8)
+    torch.manual_seed(0)
+    stage2 = load_vl()
+    torch.save({"model": stage2.trainable_state_dict()}, tmp_path / "stage2.pth")
+    train_main(["--cfg-path", cfg_path, "--options", "model.model_type=tiny_vicuna", "model.llm_model=toy:llama",
+                f"model.finetuned={tmp_path / 'stage2.pth'}", f"run.data_root={tmp_path / 'data'}",
+                "datasets.minigpt4_instruct.vis_processor.train.image_size=32", "run.device=cpu",
+                "run.distributed=False", "run.amp=False", "run.num_workers=0", "run.iters_per_inner_epoch=2",
+                "run.max_iters=4", "run.batch_size_train=2", "run.warmup_steps=2",
+                f"run.output_dir={tmp_path / 'out'}", "run.job_id=job"])
+    ckpt = torch.load(tmp_path / "out" / "job" / "checkpoint_1.pth", weights_only=True)["model"]
+    assert set(ckpt) == set(stage2.trainable_state_dict())
+    # it trained from the stage-2 weights: close to them, but moved
+    delta = max((ckpt[k] - v).abs().max().item() for k, v in stage2.trainable_state_dict().items())
+    assert 0 < delta < 0.01
+    assert '"conv_template": "minigpt4"' in (tmp_path / "out" / "job" / "log.txt").read_text()

@@ -239,7 +239,8 @@ class Blip2Vicuna(Blip2LLaMA):
         (1, 3, H, W)) after the earlier (user, assistant) turns in `history`. The caller keeps
         the history: append (message, answer) for the next turn. When the conversation no
         longer fits in max_context_len, the oldest turns after the first (which holds the
-        image) are left out."""
+        image) are left out, then the answer is allowed fewer tokens; a message that does not
+        fit at all is a ConversationError."""
         if image.dim() == 3:
             image = image.unsqueeze(0)
         if image.shape[0] != 1:
@@ -251,6 +252,12 @@ class Blip2Vicuna(Blip2LLaMA):
                            template.name)
         turns = [tuple(t) for t in history] + [(message, None)]
         turns = self.fit_history(turns, max_new_tokens, template)
+        if self.max_context_len:
+            room = self.max_context_len - len(self.tokenize_conversation(turns, template).ids)
+            if 0 < room < max_new_tokens:  # no older turn left to drop: answer shorter
+                logger.warning("only %d tokens left in the context: max_new_tokens %d -> %d", room,
+                               max_new_tokens, room)
+                max_new_tokens, min_new_tokens = room, min(min_new_tokens, room)
         gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                    do_sample=do_sample, repetition_penalty=repetition_penalty, length_penalty=length_penalty)
         if do_sample:

@@ -6,9 +6,9 @@ writes
     DIR/filter_cap.json   {"annotations": [{"image_id": "1", "caption": "<detailed description>"}, ...]}
     DIR/image/<image_id>.jpg
 
-like MiniGPT-4's cc_sbu_align (3,439 pairs there). The answers are longer, "detailed"
-descriptions of a scene (count, then each shape with its colour and place), so the toy
-stage 3 teaches the same thing as the real one: answer the instruction at length, then "###".
+like MiniGPT-4's cc_sbu_align (3,439 pairs there). The answers are longer descriptions of a
+scene than the toy captions (a summary, then each shape with its colour and place), so the
+toy stage 3 teaches what the real one does: answer the instruction, then "###".
 
 `ensure_instruct_set()` builds it once inside the toy zoo, where dataset configs find it as
 "toy:instruct" (see datasets/configs/minigpt4/toy.yaml).
@@ -26,23 +26,21 @@ from lavis_vpgtrans.toy import world
 
 TOY_ROOT = "toy:instruct"
 INSTRUCT_DIR = "instruct"
-VERSION = "1"  # bump when the content changes; stale sets are rebuilt
+VERSION = "2"  # bump when the content changes; stale sets are rebuilt
 
 
 def describe(scene: Sequence[world.Thing], rng: random.Random) -> str:
-    """A several-sentence description of a scene, in words the toy LLMs know (they have a
-    128-token context, so the whole conversation must stay short)."""
+    """A two-part description of a scene (a summary, then where each shape is), made of the
+    toy captions' phrases: the frozen toy LLMs only know the toy world's words, and they have
+    a 128-token context, so the whole conversation must stay short."""
     n = len(scene)
     ordered = sorted(scene, key=lambda t: world.CELLS[t.cell][::-1])
-    things = [f"a {t.color} {t.shape} at the {t.cell}" for t in ordered]
-    if rng.random() < 0.3:  # some variety in the order
-        rng.shuffle(things)
-    opening = f"an image with {world.NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}."
-    body = f"there is {' and '.join(things)}."
-    empty = [c for c in world.CELLS if c not in {t.cell for t in scene}]
-    closing = (f"the {' and the '.join(empty)} {'are' if len(empty) > 1 else 'is'} empty." if empty
-               else "there is a shape in every cell.")
-    return f"{opening} {body} {closing}"
+    summary = f"{world.NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}: " + ", ".join(
+        f"{t.color} {t.shape}" for t in ordered)
+    located = list(ordered)
+    if rng.random() < 0.3:  # some variety in the order, as the toy captions have
+        rng.shuffle(located)
+    return f"{summary} and there is " + " and ".join(f"a {t.color} {t.shape} at the {t.cell}" for t in located)
 
 
 def write_instruct_set(out_dir: str, n: int = 96, seed: int = 7) -> str:

@@ -119,14 +119,26 @@ def test_labels_only_on_assistant_tokens_and_closing_separator(vl_model):
     assert between.strip() == "Human: And the rest? ###Assistant:"
 
 
-def test_answers_are_cut_at_max_output_txt_len(vl_model):
-    vl_model.max_output_txt_len, saved = 5, vl_model.max_output_txt_len
-    try:
-        t = vl_model.tokenize_conversation([("Describe it.", "a red circle at the top left and a blue square")])
-    finally:
-        vl_model.max_output_txt_len = saved
+def test_training_answers_are_cut_at_max_output_txt_len_chat_history_is_not(vl_model):
+    turns = [("Describe it.", "a red circle at the top left and a blue square")]
+    t = vl_model.tokenize_conversation(turns, max_answer_tokens=5)
     (a, b), = labelled_runs(t)
     assert b - a == 5 and b == len(t.ids)
+    full = vl_model.tokenize_conversation(turns)
+    assert vl_model.llm_tokenizer.decode(full.ids[a:]) == turns[0][1] + "###"
+
+    # the training loss uses max_output_txt_len: a cut answer changes it, a longer limit does not
+    image = torch.zeros(1, 3, 32, 32)
+    saved = vl_model.max_output_txt_len
+    try:
+        losses = {}
+        for limit in (5, 200, 300):
+            vl_model.max_output_txt_len = limit
+            with torch.no_grad():
+                losses[limit] = vl_model.conversation_loss(image, [turns]).item()
+    finally:
+        vl_model.max_output_txt_len = saved
+    assert losses[200] == losses[300] != losses[5]
 
 
 @pytest.mark.parametrize("turns", [

@@ -99,11 +99,12 @@ class Blip2Vicuna(Blip2LLaMA):
             text = text.lstrip(" ")
         return tok(text, add_special_tokens=False).input_ids if text else []
 
-    def tokenize_conversation(self, turns: Sequence[Turn], template: ConversationTemplate = None
-                              ) -> ConversationTokens:
+    def tokenize_conversation(self, turns: Sequence[Turn], template: ConversationTemplate = None,
+                              max_answer_tokens: Optional[int] = None) -> ConversationTokens:
         """Token ids and labels of one conversation; a last turn with answer None gives the
         generation prompt, which is a prefix of the ids of the same conversation answered.
-        Each answer (its tokens and the closing separator) is cut to max_output_txt_len."""
+        `max_answer_tokens` cuts each answer (its tokens and the closing separator): training
+        uses max_output_txt_len; a chat history is never cut."""
         template = template or self.conv_template
         if template is None:
             raise ValueError("no conversation template: set the model's conv_template (e.g. minigpt4)")
@@ -118,7 +119,7 @@ class Blip2Vicuna(Blip2LLaMA):
                 continue
             piece_ids = self._encode_piece(piece.text)
             if piece.kind == ANSWER:
-                piece_ids = piece_ids[: self.max_output_txt_len]
+                piece_ids = piece_ids[:max_answer_tokens]
                 labels += piece_ids
             else:
                 labels += [-100] * len(piece_ids)
@@ -162,7 +163,8 @@ class Blip2Vicuna(Blip2LLaMA):
     def conversation_loss(self, image: torch.Tensor, conversations: Sequence[Sequence[Turn]]) -> torch.Tensor:
         """Causal-LM loss of whole conversations (one image each), on answer tokens only."""
         prompts = self.encode_image(image)
-        tokens = [self._fit_training_row(self.tokenize_conversation(turns)) for turns in conversations]
+        tokens = [self._fit_training_row(self.tokenize_conversation(turns, max_answer_tokens=self.max_output_txt_len))
+                  for turns in conversations]
         embeds, mask = self._embed_rows([t.ids for t in tokens], prompts, left_pad=False)
         labels = torch.full(mask.shape, -100, dtype=torch.long)
         for i, t in enumerate(tokens):

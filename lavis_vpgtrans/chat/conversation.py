@@ -2,7 +2,7 @@
 
 A conversation of turns (instruction, answer) renders as
 
-    ###Human: <Img><ImageHere></Img> {instruction} ###Assistant: {answer}###Human: {instruction} ###Assistant: {answer}###
+    ###Human: <Img><ImageHere></Img> {instruction} ###Assistant: {answer}###Human: {instruction} ###Assistant: ...
 
 (the MiniGPT-4 / VL-Vicuna template). The "###" that closes an answer is part of the answer:
 the model learns to emit it, generation stops on it, and it opens the next human turn. The

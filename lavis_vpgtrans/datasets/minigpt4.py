@@ -52,7 +52,8 @@ def read_annotations(path: str) -> List[dict]:
         data = json.load(f)
     records = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(records, list):
-        raise ValueError(f"{path}: expected MiniGPT-4's format {{\"annotations\": [{{\"image_id\", \"caption\"}}, ...]}}")
+        raise ValueError(f"{path}: expected MiniGPT-4's format "
+                         '{"annotations": [{"image_id": ..., "caption": ...}, ...]}')
     for i, rec in enumerate(records):
         if not isinstance(rec, dict) or "image_id" not in rec or not isinstance(rec.get("caption"), str):
             raise ValueError(f"{path}: annotation {i} needs an \"image_id\" and a \"caption\" string, got {rec!r:.200}")
@@ -118,7 +119,9 @@ class MiniGPT4InstructBuilder(LocalFilesBuilder):
             with open(path, encoding="utf-8") as f:
                 return clean_instructions(f.read().splitlines(), path)
         given = self.config.get("instructions", None)
-        return clean_instructions(list(given), "dataset config `instructions`") if given else list(MINIGPT4_INSTRUCTIONS)
+        if not given:
+            return list(MINIGPT4_INSTRUCTIONS)
+        return clean_instructions(list(given), "dataset config `instructions`")
 
     def build(self):
         self.build_processors()

@@ -158,7 +158,8 @@ class Blip2Vicuna(Blip2LLaMA):
         # LAVIS's samples contract: text_input = instruction, text_output = answer; caption
         # samples (no text_output) use the model's `prompt` as the instruction.
         instructions, answers = self._prefixes_and_targets(samples)
-        return {"loss": self.conversation_loss(samples["image"], [[(q, a)] for q, a in zip(instructions, answers)])}
+        conversations = [[(q, a)] for q, a in zip(instructions, answers, strict=True)]
+        return {"loss": self.conversation_loss(samples["image"], conversations)}
 
     def conversation_loss(self, image: torch.Tensor, conversations: Sequence[Sequence[Turn]]) -> torch.Tensor:
         """Causal-LM loss of whole conversations (one image each), on answer tokens only."""

@@ -1,4 +1,4 @@
-"""Terminal chat with VL-Vicuna about an image.
+r"""Terminal chat with VL-Vicuna about an image.
 
     python -m lavis_vpgtrans.chat --model-type vl_vicuna7b --llm-model VICUNA_DIR \
         --checkpoint vl-vicuna.pth --image photo.jpg

@@ -1,4 +1,4 @@
-"""Web demo of VL-Vicuna (Gradio): upload an image, then chat about it.
+r"""Web demo of VL-Vicuna (Gradio): upload an image, then chat about it.
 
     python -m lavis_vpgtrans.chat.web --model-type vl_vicuna7b --llm-model VICUNA_DIR \
         --checkpoint vl-vicuna.pth [--host 127.0.0.1] [--port 7860] [--max-image-mb 10]

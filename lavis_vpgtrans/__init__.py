@@ -17,7 +17,7 @@ if "/export/" in registry.get_path("cache_root"):
     registry.mapping["paths"]["cache_root"] = os.environ.get(
         "LAVIS_CACHE_ROOT", os.path.join(os.path.expanduser("~"), ".cache", "lavis"))
 
-from lavis_vpgtrans.datasets import benchmarks, builders, sentences  # noqa: E402,F401
+from lavis_vpgtrans.datasets import benchmarks, builders, minigpt4, sentences  # noqa: E402,F401
 from lavis_vpgtrans import models  # noqa: E402,F401
 from lavis_vpgtrans.models import blip2_qformer_pformer, pformer  # noqa: E402,F401
 from lavis_vpgtrans import pformer_tasks, tasks  # noqa: E402,F401

@@ -82,7 +82,10 @@ def test_effective_batch_is_the_papers(plugin, path):
     cfg = load(path)
     run = cfg.run_cfg
     effective = run.batch_size_train * run.get("accum_grad_iters", 1) * GPUS
-    assert effective == (1152 if cfg.model_cfg.arch == "blip2_t5_transfer" else 1728)
+    if "stage3" in os.path.basename(path):  # VL-Vicuna instruction tuning (MiniGPT-4's batch)
+        assert effective == 120
+    else:
+        assert effective == (1152 if cfg.model_cfg.arch == "blip2_t5_transfer" else 1728)
 
 
 def test_baselines_differ_from_vpgtrans_only_where_the_paper_says(plugin):

@@ -1,6 +1,5 @@
 """train.py / evaluate.py end to end: LAVIS's loop, torchrun with gloo, real caption metrics."""
 
-import glob
 import json
 import os
 import subprocess

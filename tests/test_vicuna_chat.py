@@ -37,9 +37,9 @@ def vl_model(plugin_and_builder):
 
 @pytest.fixture(scope="module")
 def toy_set(plugin_and_builder):
-    from lavis_vpgtrans.toy.instruct import ensure_instruct_set
+    from lavis_vpgtrans.toy import zoo
 
-    root = ensure_instruct_set()
+    root = zoo.resolve("toy:instruct")
     anns = json.load(open(os.path.join(root, "filter_cap.json")))["annotations"]
     return root, anns
 

@@ -10,7 +10,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List
 
 import torch
 
@@ -151,3 +151,22 @@ def load_state_with_report(
             own[key].copy_(value.to(own[key].dtype))
     report.loaded = sorted(to_load)
     return report
+
+
+def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+                       what: str = "checkpoint") -> LoadReport:
+    """A training checkpoint's weights (trainable parameters only, as our runner writes them and
+    the released VPGTrans files are): every key must fit the module and every trainable
+    parameter must be there; frozen weights (ViT, LLM) keep their values."""
+    required = [n for n, p in module.named_parameters() if p.requires_grad]
+    report = load_state_with_report(module, state_dict, source, required=required)
+    report.log(what)
+    return report
+
+
+def load_trained_checkpoint(module: torch.nn.Module, url_or_path: str, what: str = "checkpoint") -> LoadReport:
+    """`load_trained_state` from a file or URL ("toy:" paths resolved)."""
+    from lavis_vpgtrans.toy import zoo
+
+    path = zoo.resolve(url_or_path)
+    return load_trained_state(module, load_checkpoint_file(path)["model"], path, what)

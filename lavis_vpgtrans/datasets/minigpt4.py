@@ -22,7 +22,6 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from PIL import Image
 
 from lavis_vpgtrans.datasets.builders import LocalFilesBuilder
-from lavis_vpgtrans.toy import instruct as toy_instruct
 
 # MiniGPT-4's stage-2 instructions (its prompts/alignment.txt, without the image tag, which
 # the conversation template adds).
@@ -105,8 +104,6 @@ class MiniGPT4InstructBuilder(LocalFilesBuilder):
     }
 
     def _resolve_paths(self):
-        if str(self.config.get("data_root", None)) == toy_instruct.TOY_ROOT:
-            toy_instruct.ensure_instruct_set()
         super()._resolve_paths()
         if self.config.get("instruction_file", None):
             self.config.instruction_file = self.resolve_path(self.config.instruction_file)

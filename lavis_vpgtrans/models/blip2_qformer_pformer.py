@@ -24,10 +24,9 @@ from lavis.models.base_model import all_gather_with_grad, concat_all_gather
 from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
+from lavis_vpgtrans.common.checkpoint import load_trained_checkpoint
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
-from lavis_vpgtrans.toy import zoo
 
 logger = logging.getLogger(__name__)
 
@@ -150,12 +149,7 @@ class Blip2QformerPFormer(Blip2Qformer):
 
     def load_checkpoint(self, url_or_filename: str):
         """A trained stage-1 checkpoint: every key must fit, every trainable parameter be there."""
-        path = zoo.resolve(url_or_filename)
-        state = load_checkpoint_file(path)["model"]
-        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
-        report = load_state_with_report(self, state, path, required=trainable)
-        report.log("checkpoint")
-        return report
+        return load_trained_checkpoint(self, url_or_filename)
 
     # ------------------------------------------------------------------ forward
 

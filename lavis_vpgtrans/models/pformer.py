@@ -21,7 +21,7 @@ from lavis.common.registry import registry
 from lavis.models.base_model import BaseModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
-from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
+from lavis_vpgtrans.common.checkpoint import load_trained_checkpoint
 from lavis_vpgtrans.models.pformer_encoder import PFORMER_MODEL_TYPES, PFormerEncoder
 from lavis_vpgtrans.models.vl_llm import DTYPES, Blip2VLLLM
 from lavis_vpgtrans.toy import zoo
@@ -135,12 +135,7 @@ class PFormer(BaseModel):
 
     def load_checkpoint(self, url_or_filename: str):
         """A trained P-Former (a training checkpoint: the encoder's parameters)."""
-        path = zoo.resolve(url_or_filename)
-        state = load_checkpoint_file(path)["model"]
-        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
-        report = load_state_with_report(self, state, path, required=trainable)
-        report.log("P-Former checkpoint")
-        return report
+        return load_trained_checkpoint(self, url_or_filename, "P-Former checkpoint")
 
     # ------------------------------------------------------------------ losses
 

@@ -22,8 +22,8 @@ from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
 
-from lavis_vpgtrans.common.checkpoint import (CheckpointError, load_checkpoint_file,
-                                              load_state_with_report)
+from lavis_vpgtrans.common.checkpoint import (CheckpointError, load_checkpoint_file, load_state_with_report,
+                                              load_trained_checkpoint)
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.projector import known_projector_names
 from lavis_vpgtrans.toy import zoo
@@ -305,12 +305,7 @@ class Blip2VLLLM(Blip2Base):
         """Load a trained model's checkpoint (e.g. written by our runner, or vl-vicuna.pth):
         every key must exist in the model with the same shape, and every trainable
         parameter must be in the file. Frozen ViT / LLM weights need not be."""
-        path = zoo.resolve(url_or_filename)
-        state = load_checkpoint_file(path)["model"]
-        trainable = [n for n, p in self.named_parameters() if p.requires_grad]
-        report = load_state_with_report(self, state, path, required=trainable)
-        report.log("checkpoint")
-        return report
+        return load_trained_checkpoint(self, url_or_filename)
 
     def trainable_state_dict(self) -> Dict[str, torch.Tensor]:
         """What a training checkpoint holds: the trainable parameters, nothing frozen."""

@@ -36,8 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataset import ChainDataset
 
-from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_state_with_report,
-                                              save_checkpoint_atomic)
+from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_trained_state, save_checkpoint_atomic
 from lavis_vpgtrans.common.config import PluginConfig
 
 
@@ -381,25 +380,20 @@ class PortableRunner(RunnerBase):
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
         save_checkpoint_atomic(save_obj, save_to)
 
-    def _load_trainable(self, model, checkpoint, source):
-        """Every key must fit the model and every trainable parameter must be there."""
-        required = [n for n, p in model.named_parameters() if p.requires_grad]
-        load_state_with_report(model, checkpoint["model"], source, required=required).log("checkpoint")
-
     def prepare_resume(self, checkpoint):
         """Hook: put the runner in the checkpoint's state before its weights are loaded."""
 
     def _reload_best_model(self, model):
         checkpoint_path = os.path.join(self.output_dir, "checkpoint_best.pth")
         logging.info("Loading checkpoint from %s.", checkpoint_path)
-        self._load_trainable(model, load_checkpoint_file(checkpoint_path), checkpoint_path)
+        load_trained_state(model, load_checkpoint_file(checkpoint_path)["model"], checkpoint_path)
         return model
 
     def _load_checkpoint(self, url_or_filename):
         """Resume: model (trainable part), optimizer, scaler and epoch."""
         checkpoint = load_checkpoint_file(url_or_filename)
         self.prepare_resume(checkpoint)
-        self._load_trainable(self.unwrap_dist_model(self.model), checkpoint, url_or_filename)
+        load_trained_state(self.unwrap_dist_model(self.model), checkpoint["model"], url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])

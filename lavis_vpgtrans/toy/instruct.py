@@ -10,23 +10,18 @@ like MiniGPT-4's cc_sbu_align (3,439 pairs there). The answers are longer descri
 scene than the toy captions (a summary, then each shape with its colour and place), so the
 toy stage 3 teaches what the real one does: answer the instruction, then "###".
 
-`ensure_instruct_set()` builds it once inside the toy zoo, where dataset configs find it as
-"toy:instruct" (see datasets/configs/minigpt4/toy.yaml).
+The toy zoo builds it (toy/zoo.py), where dataset configs find it as "toy:instruct" (see
+datasets/configs/minigpt4/toy.yaml).
 """
 
 import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 from typing import Sequence
 
 from lavis_vpgtrans.toy import world
 
-TOY_ROOT = "toy:instruct"
-INSTRUCT_DIR = "instruct"
-VERSION = "2"  # bump when the content changes; stale sets are rebuilt
 
 
 def describe(scene: Sequence[world.Thing], rng: random.Random) -> str:
@@ -57,39 +52,6 @@ def write_instruct_set(out_dir: str, n: int = 96, seed: int = 7) -> str:
     with open(path, "w") as f:
         json.dump({"annotations": annotations}, f, indent=1)
     return path
-
-
-def ensure_instruct_set(zoo_root: str = None) -> str:
-    """The toy instruction set inside the toy zoo (built once; safe under torchrun)."""
-    from filelock import FileLock
-
-    from lavis_vpgtrans.toy import zoo
-
-    zoo_root = zoo.ensure_zoo(zoo_root)
-    root = os.path.join(zoo_root, INSTRUCT_DIR)
-    stamp = os.path.join(root, "VERSION")
-
-    def ready():
-        return os.path.isfile(stamp) and open(stamp).read().strip() == VERSION
-
-    if ready():
-        return root
-    with FileLock(root + ".lock"):
-        if ready():
-            return root
-        # Built aside and renamed into place, so a reader never sees half a set.
-        tmp = tempfile.mkdtemp(prefix=".instruct_build_", dir=zoo_root)
-        try:
-            write_instruct_set(tmp)
-            with open(os.path.join(tmp, "VERSION"), "w") as f:
-                f.write(VERSION)
-            if os.path.exists(root):
-                shutil.rmtree(root)
-            os.rename(tmp, root)
-        finally:
-            if os.path.exists(tmp):
-                shutil.rmtree(tmp)
-    return root
 
 
 def main(argv=None):

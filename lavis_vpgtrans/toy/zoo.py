@@ -13,6 +13,7 @@ The language models are pre-trained for a few seconds on the toy world's text.
   data/                    the synthetic image-caption / VQA dataset (see toy/world.py)
   benchmarks/              mini versions of the five evaluation benchmarks (toy/benchmarks.py)
   laion_coco/              image-caption webdataset shards in the LAION-COCO layout (toy/shards.py)
+  instruct/                an instruction set in MiniGPT-4's layout (toy/instruct.py)
 
 Model configs refer to these as "toy:<name>" (e.g. `llm_model: toy:opt-small`);
 `resolve()` maps such names to paths, building the zoo on first use. The zoo lives in
@@ -30,9 +31,9 @@ import tempfile
 import torch
 
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
-from lavis_vpgtrans.toy import shards, world
+from lavis_vpgtrans.toy import instruct, shards, world
 
-ZOO_VERSION = "4"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "5"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "model.safetensors"
@@ -225,6 +226,7 @@ def build_zoo(out: str, seed: int = 0) -> None:
     world.write_dataset(data_dir, seed=seed)
     toy_benchmarks.write_benchmarks(os.path.join(out, "benchmarks"), seed=seed)
     shards.write_caption_shards(os.path.join(out, "laion_coco"), seed=seed + 2)
+    instruct.write_instruct_set(os.path.join(out, "instruct"), seed=seed + 7)
     sentences = world.corpus_sentences(2000, seed=seed + 1)
     with open(os.path.join(data_dir, "corpus.txt"), "w") as f:
         f.write("\n".join(sentences) + "\n")

@@ -15,7 +15,7 @@ document frequencies), as the NoCaps evaluation server does.
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from lavis.common.dist_utils import main_process
 from lavis.common.registry import registry
@@ -26,6 +26,8 @@ from lavis_vpgtrans.tasks.base import EvalTaskMixin, eval_splits
 GT_KEY = "coco_gt"
 NOCAPS_DOMAINS = ("in-domain", "near-domain", "out-domain")
 SPICE_UNAVAILABLE = "SPICE: unavailable offline (needs Stanford CoreNLP download)"
+# The scorers `run.caption_metrics` may choose from (SPICE has its own `spice` switch).
+CAPTION_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def load_coco_gt(path: str):
@@ -99,14 +101,29 @@ def _check_coverage(refs, preds):
             f"the ground truth (e.g. {extra[:5]})")
 
 
+def check_caption_metrics(names: Optional[Sequence[str]]) -> Tuple[str, ...]:
+    """The scorers to run: `names` (a subset of CAPTION_METRICS), or all of them for None."""
+    if names is None:
+        return CAPTION_METRICS
+    names = tuple(names)
+    unknown = [n for n in names if n not in CAPTION_METRICS]
+    if unknown or not names:
+        raise ValueError(f"caption_metrics {list(names)}: choose a non-empty subset of {list(CAPTION_METRICS)}"
+                         + (f" ({', '.join(map(repr, unknown))} unknown)" if unknown else ""))
+    return names
+
+
 def score_captions(refs: Dict[int, List[str]], preds: Dict[int, str],
-                   domains: Optional[Dict[int, str]] = None, spice: str = "auto") -> Dict[str, float]:
+                   domains: Optional[Dict[int, str]] = None, spice: str = "auto",
+                   metrics_to_run: Optional[Sequence[str]] = None) -> Dict[str, float]:
     """The COCO caption metrics of `preds` against `refs` (same image ids).
 
     Returns Bleu_1..Bleu_4, METEOR, ROUGE_L, CIDEr (pycocoevalcap's scale, CIDEr 1.0 = 100 in
     papers), plus CIDEr_<domain> for each domain when `domains` is given, and SPICE only
-    when `spice` is "auto"/True and its CoreNLP jars are installed.
+    when `spice` is "auto"/True and its CoreNLP jars are installed. `metrics_to_run` (default
+    all of CAPTION_METRICS) leaves the others out, e.g. METEOR's Java process in a quick run.
     """
+    metrics_to_run = check_caption_metrics(metrics_to_run)
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -120,14 +137,18 @@ def score_captions(refs: Dict[int, List[str]], preds: Dict[int, str],
         raise RuntimeError("PTB tokenizer output lost images; check captions for unusual characters")
 
     metrics: Dict[str, float] = {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    for n, value in enumerate(bleu, start=1):
-        metrics[f"Bleu_{n}"] = float(value)
-    metrics["METEOR"] = float(_meteor().compute_score(gts, res)[0])
-    metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    if "Bleu" in metrics_to_run:
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        for n, value in enumerate(bleu, start=1):
+            metrics[f"Bleu_{n}"] = float(value)
+    if "METEOR" in metrics_to_run:
+        metrics["METEOR"] = float(_meteor().compute_score(gts, res)[0])
+    if "ROUGE_L" in metrics_to_run:
+        metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+    if "CIDEr" in metrics_to_run:
+        metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
 
-    if domains is not None:
+    if domains is not None and "CIDEr" in metrics_to_run:
         for domain in NOCAPS_DOMAINS:
             ids = [i for i in gts if domains.get(i) == domain]
             if not ids:
@@ -149,9 +170,11 @@ def score_captions(refs: Dict[int, List[str]], preds: Dict[int, str],
     return metrics
 
 
-def evaluate_caption_file(gt_file: str, result_file: str, spice: str = "auto") -> Dict[str, float]:
+def evaluate_caption_file(gt_file: str, result_file: str, spice: str = "auto",
+                          metrics_to_run: Optional[Sequence[str]] = None) -> Dict[str, float]:
     refs, domains = load_coco_gt(gt_file)
-    return score_captions(refs, load_caption_results(result_file), domains=domains, spice=spice)
+    return score_captions(refs, load_caption_results(result_file), domains=domains, spice=spice,
+                          metrics_to_run=metrics_to_run)
 
 
 @registry.register_task("vpgtrans_captioning")
@@ -159,15 +182,23 @@ class VPGTransCaptionTask(EvalTaskMixin, CaptionTask):
     """Caption generation + COCO caption metrics against `build_info.annotations.<split>.coco_gt`.
 
     run_cfg: num_beams, max_len, min_len, evaluate, report_metric (default true),
-    agg_metric (default CIDEr), spice ("auto": only if CoreNLP is installed; false: never).
+    agg_metric (default CIDEr), spice ("auto": only if CoreNLP is installed; false: never),
+    caption_metrics (default: all of Bleu, METEOR, ROUGE_L, CIDEr; e.g. [Bleu, CIDEr] skips
+    METEOR's Java process when a quick run validates every epoch).
     """
 
     def __init__(self, num_beams, max_len, min_len, evaluate, report_metric=True,
-                 agg_metric="CIDEr", spice="auto"):
+                 agg_metric="CIDEr", spice="auto", caption_metrics=None):
         super().__init__(num_beams=num_beams, max_len=max_len, min_len=min_len,
                          evaluate=evaluate, report_metric=report_metric)
         self.agg_metric = agg_metric
         self.spice = spice
+        self.caption_metrics = check_caption_metrics(caption_metrics)
+        # fail at setup, not after the first evaluation pass
+        scorer = next((m for m in CAPTION_METRICS if agg_metric == m or agg_metric.startswith(m + "_")), None)
+        if report_metric and scorer is not None and scorer not in self.caption_metrics:
+            raise ValueError(f"agg_metric {agg_metric!r} needs the {scorer} scorer, which caption_metrics "
+                             f"{list(self.caption_metrics)} leaves out")
         self.gt_files: Dict[str, str] = {}
 
     @classmethod
@@ -175,7 +206,8 @@ class VPGTransCaptionTask(EvalTaskMixin, CaptionTask):
         run_cfg = cfg.run_cfg
         return cls(num_beams=run_cfg.num_beams, max_len=run_cfg.max_len, min_len=run_cfg.min_len,
                    evaluate=run_cfg.evaluate, report_metric=run_cfg.get("report_metric", True),
-                   agg_metric=run_cfg.get("agg_metric", "CIDEr"), spice=run_cfg.get("spice", "auto"))
+                   agg_metric=run_cfg.get("agg_metric", "CIDEr"), spice=run_cfg.get("spice", "auto"),
+                   caption_metrics=run_cfg.get("caption_metrics", None))
 
     def build_datasets(self, cfg):
         datasets = super().build_datasets(cfg)
@@ -219,7 +251,8 @@ class VPGTransCaptionTask(EvalTaskMixin, CaptionTask):
         if split_name not in self.gt_files:
             raise ValueError(f"no caption ground truth for split {split_name!r} "
                              f"(build_info.annotations.{split_name}.{GT_KEY})")
-        metrics = evaluate_caption_file(self.gt_files[split_name], eval_result_file, spice=self.spice)
+        metrics = evaluate_caption_file(self.gt_files[split_name], eval_result_file, spice=self.spice,
+                                        metrics_to_run=self.caption_metrics)
         if self.agg_metric not in metrics:
             raise KeyError(f"agg_metric {self.agg_metric!r} is not among the metrics {sorted(metrics)}")
         for name, value in metrics.items():

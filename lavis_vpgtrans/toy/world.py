@@ -110,6 +110,30 @@ def questions(scene: Sequence[Thing], rng: random.Random) -> List[Dict[str, str]
     return qs
 
 
+def terse_description(scene: Sequence[Thing]) -> str:
+    """The scene in a terse register, cell by cell in reading order: "red circle , empty , ..."."""
+    by_cell = {t.cell: t for t in scene}
+    order = sorted(CELLS, key=lambda c: CELLS[c][::-1])
+    return " , ".join(f"{by_cell[c].color} {by_cell[c].shape}" if c in by_cell else "empty" for c in order)
+
+
+def corpus_documents(n: int, seed: int = 0, questions_per_doc: int = 1) -> List[List[str]]:
+    """Text-only documents of the toy world, one scene each: its terse description, one of its
+    captions, then `questions_per_doc` question-answer lines about it. A language model trained
+    on them learns to use its context -- the later sentences follow from the first -- as real
+    LLMs do, which is what lets soft prompts in front of the text steer it. The order is fixed:
+    after the first sentence comes a caption, so soft prompts standing where the description
+    stands lead to a caption, not to a question."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        qa = [f"Question: {q['question']} Answer: {q['answer']}" for q in questions(scene, rng)]
+        docs.append([terse_description(scene), rng.choice(captions(scene, rng))]
+                    + rng.sample(qa, questions_per_doc))
+    return docs
+
+
 def corpus_sentences(n: int, seed: int = 0) -> List[str]:
     """Text-only sentences of the toy world, for tokenizer and language-model training."""
     rng = random.Random(seed)

@@ -1,6 +1,6 @@
 """The offline tiny zoo: real model formats at toy sizes, built locally.
 
-    python -m lavis_vpgtrans.toy.zoo --out DIR
+    python -m lavis_vpgtrans.toy.zoo --out DIR [--profile test|demo]
 
 writes, each with `save_pretrained` (so everything loads back through `from_pretrained`):
 The language models are pre-trained for a few seconds on the toy world's text.
@@ -19,6 +19,13 @@ Model configs refer to these as "toy:<name>" (e.g. `llm_model: toy:opt-small`);
 `resolve()` maps such names to paths, building the zoo on first use. The zoo lives in
 $VPGTRANS_TOY_ZOO, or <cache>/toy_zoo with <cache> = $VPGTRANS_CACHE or
 ~/.cache/lavis_vpgtrans.
+
+Two profiles of the same world (PROFILES):
+  test   built in seconds for the test suite: LMs pre-trained on single sentences, a random
+         ViT. Models run and train, but an image barely changes what they say.
+  demo   the world the demo (python -m lavis_vpgtrans.demo) learns in: the ViT pre-trained on
+         the scenes, LMs pre-trained on multi-sentence documents until they use their context
+         (about a minute), a Q-Former initialisation scaled to its width, a larger val split.
 """
 
 import argparse
@@ -27,6 +34,8 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, Optional
 
 import torch
 
@@ -45,11 +54,59 @@ OPT_SIZES = {"opt-small": dict(hidden_size=32, ffn_dim=64, num_hidden_layers=2, 
 TOY_VIT = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True)
 
 
-def default_zoo_dir() -> str:
+@dataclass(frozen=True)
+class ZooProfile:
+    """How long and on what the zoo's models are pre-trained (the world itself is the same)."""
+
+    name: str
+    opt_sizes: Dict[str, dict] = field(default_factory=lambda: dict(OPT_SIZES))
+    # decoder-only LMs: single sentences (None) or documents with this many question lines
+    lm_doc_questions: Optional[int] = None
+    lm_steps: int = 200
+    lm_lr: float = 3e-3
+    lm_warmup_steps: int = 0
+    pretrain_vit: bool = False
+    # BERT's 0.02 is scaled for 768-d; at 64-d the Q-Former's cross-attention then adds ~2 %
+    # of image signal to its queries, too little to learn from in a short run
+    qformer_init_range: float = 0.02
+    n_val: int = 32
+
+
+PROFILES = {
+    "test": ZooProfile("test"),
+    "demo": ZooProfile(
+        "demo",
+        # opt-small wide enough to learn to read its context within the pre-training budget
+        opt_sizes={"opt-small": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
+                   "opt-large": OPT_SIZES["opt-large"]},
+        lm_doc_questions=1, lm_steps=1250, lm_lr=2e-3, lm_warmup_steps=50,
+        pretrain_vit=True, qformer_init_range=0.08, n_val=128),
+}
+DEFAULT_PROFILE = "test"
+STAMP_NAME = "ZOO_VERSION"
+
+
+def default_zoo_dir(profile: str = DEFAULT_PROFILE) -> str:
+    """$VPGTRANS_TOY_ZOO, else <cache>/toy_zoo (the demo profile: <cache>/toy_zoo_demo)."""
     if os.environ.get("VPGTRANS_TOY_ZOO"):
         return os.environ["VPGTRANS_TOY_ZOO"]
     cache = os.environ.get("VPGTRANS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "lavis_vpgtrans"))
-    return os.path.join(cache, "toy_zoo")
+    return os.path.join(cache, "toy_zoo" if profile == DEFAULT_PROFILE else f"toy_zoo_{profile}")
+
+
+def _stamp(profile: str) -> str:
+    # the test profile keeps the plain version stamp, so existing test zoos stay valid
+    return ZOO_VERSION if profile == DEFAULT_PROFILE else f"{ZOO_VERSION} {profile}"
+
+
+def zoo_profile(root: str) -> Optional[str]:
+    """The profile of the complete zoo of this version at `root`, None if there is none."""
+    stamp = os.path.join(root, STAMP_NAME)
+    if not os.path.isfile(stamp):
+        return None
+    with open(stamp) as f:
+        text = f.read().strip()
+    return next((name for name in PROFILES if _stamp(name) == text), None)
 
 
 def is_toy(name) -> bool:
@@ -67,19 +124,28 @@ def resolve(name: str) -> str:
     return path
 
 
-def ensure_zoo(root: str = None) -> str:
+def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
     """Builds the zoo at `root` unless a complete one of this version is there.
+
+    `profile` None accepts a complete zoo of any profile (what `toy:` paths resolve against)
+    and builds the test profile if there is none. A named profile must match: a complete
+    zoo of another profile is an error (nothing is deleted), an outdated one is rebuilt.
 
     Safe under torchrun: a file lock serialises builders, and the zoo is built in a temporary
     directory that is renamed into place only when complete.
     """
     from filelock import FileLock
 
-    root = os.path.abspath(root or default_zoo_dir())
-    stamp = os.path.join(root, "ZOO_VERSION")
+    if profile is not None and profile not in PROFILES:
+        raise ValueError(f"unknown toy zoo profile {profile!r}; known: {sorted(PROFILES)}")
+    root = os.path.abspath(root or default_zoo_dir(profile or DEFAULT_PROFILE))
 
     def ready():
-        return os.path.isfile(stamp) and open(stamp).read().strip() == ZOO_VERSION
+        found = zoo_profile(root)
+        if found is not None and profile is not None and found != profile:
+            raise ValueError(f"{root} holds the toy zoo's {found!r} profile, not {profile!r}: choose another "
+                             f"directory (or delete this one to rebuild it)")
+        return found is not None
 
     if ready():
         return root
@@ -89,7 +155,7 @@ def ensure_zoo(root: str = None) -> str:
             return root
         tmp = tempfile.mkdtemp(prefix=".toy_zoo_build_", dir=os.path.dirname(root))
         try:
-            build_zoo(tmp)
+            build_zoo(tmp, profile=profile or DEFAULT_PROFILE, progress=progress)
             if os.path.exists(root):
                 shutil.rmtree(root)
             os.rename(tmp, root)
@@ -154,49 +220,114 @@ def _wordpiece(sentences, out_dir):
 # --------------------------------------------------------------------------- models
 
 
-def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, seed=0):
+def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, seed=0, documents=None,
+                warmup_steps=0, clip_norm=None, on_step=None):
     """A short language-model pre-training on the toy world's text, so that the frozen LLMs
     of the zoo speak its language (as a real LLM speaks English) before any VL training.
-    Decoder-only: next-token prediction. Encoder-decoder: a random word split, the first
-    part encoded and the rest decoded (prefix LM, as BLIP-2 trains Flan-T5)."""
+    Decoder-only: next-token prediction, on single sentences, or on `documents` (lists of
+    sentences, each closed by EOS, concatenated as one sequence) when given. Encoder-decoder:
+    a random word split, the first part encoded and the rest decoded (prefix LM, as BLIP-2
+    trains Flan-T5)."""
     import random
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(sentences, batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup_steps + 1)))
+    if documents is not None:
         if model.config.is_encoder_decoder:
+            raise ValueError("documents are for decoder-only LMs")
+        # tokenized once: the per-step tokenizer calls would cost as much as the model
+        pool = [sum((tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in doc), []) for doc in documents]
+    model.train()
+    for step in range(steps):
+        if documents is not None:
+            rows = rng.sample(pool, batch_size)
+        elif model.config.is_encoder_decoder:
+            batch = rng.sample(sentences, batch_size)
             cuts = [rng.randint(1, max(1, len(s.split()) - 1)) for s in batch]
             sources = [" ".join(s.split()[:c]) for s, c in zip(batch, cuts)]
             targets = [" ".join(s.split()[c:]) for s, c in zip(batch, cuts)]
             enc = tokenizer(sources, return_tensors="pt", padding=True)
             dec = tokenizer(targets, return_tensors="pt", padding=True)
             labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
+            rows = None
+        else:
+            rows = [tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in rng.sample(sentences, batch_size)]
+        if rows is None:
             loss = model(**enc, labels=labels).loss
         else:
-            rows = [tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in batch]
             width = max(map(len, rows))
             ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
             loss = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
         loss.backward()
+        if clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
+        if on_step is not None:
+            on_step(step + 1)
     model.eval()
     logging.info("pre-trained %s: final LM loss %.3f", type(model).__name__, loss.item())
     return loss.item()
 
 
-def save_toy_vit(out_dir, seed=0, **overrides):
+def pretrain_vit(vit, cfg, steps=150, n_scenes=2000, batch_size=128, lr=2e-3, seed=0):
+    """A short supervised pre-training of the tiny ViT on rendered scenes, so that its patch
+    features encode what the captions talk about (as CLIP / EVA pre-training gives a real
+    ViT): a linear head on the patch tokens of each grid cell classifies that cell as empty
+    or one of the colour x shape combinations. The head is discarded. A random ViT would
+    leave the Q-Former almost nothing image-specific to pass on."""
+    import random
+
+    import torch.nn.functional as F
+    from lavis.processors.blip_processors import BlipImageEvalProcessor
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    # the datasets' own eval transform (resize + CLIP normalisation): the features the VL
+    # models will see
+    transform = BlipImageEvalProcessor(image_size=cfg["img_size"])
+    colors, shapes, cells = sorted(world.COLORS), list(world.SHAPES), sorted(world.CELLS)
+    scenes = [world.sample_scene(rng) for _ in range(n_scenes)]
+    images = torch.stack([transform(world.render(scene)) for scene in scenes])
+    labels = torch.zeros(n_scenes, len(cells), dtype=torch.long)  # 0: empty cell
+    for i, scene in enumerate(scenes):
+        for thing in scene:
+            labels[i, cells.index(thing.cell)] = 1 + colors.index(thing.color) * len(shapes) + shapes.index(thing.shape)
+    grid = cfg["img_size"] // cfg["patch_size"]
+    # token indices (after the CLS token) of the patches inside each 2x2-grid cell
+    per_cell = grid // 2
+    cell_tokens = torch.tensor([[1 + (row * per_cell + dr) * grid + col * per_cell + dc
+                                 for dr in range(per_cell) for dc in range(per_cell)]
+                                for col, row in (world.CELLS[c] for c in cells)])
+    head = torch.nn.Linear(vit.num_features, 1 + len(colors) * len(shapes))
+    optimizer = torch.optim.AdamW(list(vit.parameters()) + list(head.parameters()), lr=lr)
+    vit.train()
+    for _ in range(steps):
+        batch = torch.randint(0, n_scenes, (batch_size,))
+        pooled = vit(images[batch])[:, cell_tokens].mean(dim=2)  # (B, cells, D)
+        loss = F.cross_entropy(head(pooled).flatten(0, 1), labels[batch].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    vit.eval()
+    logging.info("pre-trained the toy ViT: final cell-classification loss %.4f", loss.item())
+    return loss.item()
+
+
+def save_toy_vit(out_dir, seed=0, pretrain=False, **overrides):
     """A tiny EVA ViT with LAVIS's own VisionTransformer class, stored as config + weights."""
     from safetensors.torch import save_file
 
     cfg = {**TOY_VIT, **overrides}
     torch.manual_seed(seed)
     vit = build_eva_vit(cfg)
+    if pretrain:
+        pretrain_vit(vit, cfg, seed=seed)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, VIT_CONFIG_NAME), "w") as f:
         json.dump({"architecture": "eva_vit", **cfg}, f, indent=2)
@@ -215,25 +346,44 @@ def build_eva_vit(cfg, drop_path_rate=0.0, use_checkpoint=False):
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_checkpoint=use_checkpoint)
 
 
-def build_zoo(out: str, seed: int = 0) -> None:
+def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=None) -> None:
+    """Writes the whole zoo of `profile` into `out`. `progress(what, done, total)`, if given,
+    is called as the build goes (the LM pre-training step by step)."""
     from transformers import (BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
                               LlamaTokenizer, LlamaTokenizerFast, OPTConfig, OPTForCausalLM,
                               T5Config, T5ForConditionalGeneration, T5Tokenizer, T5TokenizerFast)
 
-    logging.info("building the toy zoo in %s", out)
+    prof = PROFILES[profile]
+    report = progress or (lambda what, done, total: None)
+    logging.info("building the toy zoo (%s profile) in %s", profile, out)
     os.makedirs(out, exist_ok=True)
+    report("data", 0, 1)
     data_dir = os.path.join(out, "data")
-    world.write_dataset(data_dir, seed=seed)
+    world.write_dataset(data_dir, n_val=prof.n_val, seed=seed)
     toy_benchmarks.write_benchmarks(os.path.join(out, "benchmarks"), seed=seed)
     shards.write_caption_shards(os.path.join(out, "laion_coco"), seed=seed + 2)
     instruct.write_instruct_set(os.path.join(out, "instruct"), seed=seed + 7)
     sentences = world.corpus_sentences(2000, seed=seed + 1)
     with open(os.path.join(data_dir, "corpus.txt"), "w") as f:
         f.write("\n".join(sentences) + "\n")
+    documents = None
+    if prof.lm_doc_questions is not None:
+        documents = world.corpus_documents(6000, seed=seed + 3, questions_per_doc=prof.lm_doc_questions)
+    report("data", 1, 1)
+
+    def lm_pretraining(name, model, tokenizer, lm_seed, decoder_only=True):
+        steps = prof.lm_steps if decoder_only else PROFILES[DEFAULT_PROFILE].lm_steps
+        report(f"{name} LM", 0, steps)
+        pretrain_lm(model, tokenizer, sentences, seed=lm_seed, steps=steps,
+                    lr=prof.lm_lr if decoder_only else PROFILES[DEFAULT_PROFILE].lm_lr,
+                    documents=documents if decoder_only else None,
+                    warmup_steps=prof.lm_warmup_steps if documents is not None else 0,
+                    clip_norm=1.0 if documents is not None else None,
+                    on_step=lambda done: report(f"{name} LM", done, steps))
 
     # OPT family: one tokenizer, two sizes.
     opt_tok = _byte_level_bpe(sentences, vocab_size=400)
-    for i, (name, size) in enumerate(OPT_SIZES.items()):
+    for i, (name, size) in enumerate(prof.opt_sizes.items()):
         torch.manual_seed(seed + 10 + i)
         cfg = OPTConfig(vocab_size=len(opt_tok), word_embed_proj_dim=size["hidden_size"],
                         max_position_embeddings=128, pad_token_id=opt_tok.pad_token_id,
@@ -241,7 +391,7 @@ def build_zoo(out: str, seed: int = 0) -> None:
                         dropout=0.0, attention_dropout=0.0, **size)
         d = os.path.join(out, name)
         model = OPTForCausalLM(cfg)
-        pretrain_lm(model, opt_tok, sentences, seed=seed + 10 + i)
+        lm_pretraining(name, model, opt_tok, seed + 10 + i)
         model.save_pretrained(d)
         opt_tok.save_pretrained(d)
 
@@ -257,7 +407,7 @@ def build_zoo(out: str, seed: int = 0) -> None:
             vocab_size=len(llama_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
-        pretrain_lm(model, llama_tok, sentences, seed=seed + 20)
+        lm_pretraining("llama", model, llama_tok, seed + 20)
         model.save_pretrained(d)
 
         # T5 (Flan-T5 layout): SentencePiece unigram, <pad>=0 </s>=1 <unk>=2.
@@ -272,7 +422,7 @@ def build_zoo(out: str, seed: int = 0) -> None:
             num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
             tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
             decoder_start_token_id=0))
-        pretrain_lm(model, t5_tok, sentences, seed=seed + 30)
+        lm_pretraining("t5", model, t5_tok, seed + 30, decoder_only=False)
         model.save_pretrained(d)
 
     # Q-Former initialisation: a tiny BERT with the masked-LM head, as bert-base-uncased ships.
@@ -281,20 +431,25 @@ def build_zoo(out: str, seed: int = 0) -> None:
     torch.manual_seed(seed + 40)
     BertForMaskedLM(BertConfig(vocab_size=len(bert_tok), hidden_size=64, num_hidden_layers=2,
                                num_attention_heads=4, intermediate_size=128,
-                               max_position_embeddings=64)).save_pretrained(d)
+                               max_position_embeddings=64,
+                               initializer_range=prof.qformer_init_range)).save_pretrained(d)
 
-    save_toy_vit(os.path.join(out, "eva-vit"), seed=seed + 50)
+    report("ViT", 0, 1)
+    save_toy_vit(os.path.join(out, "eva-vit"), seed=seed + 50, pretrain=prof.pretrain_vit)
+    report("ViT", 1, 1)
 
-    with open(os.path.join(out, "ZOO_VERSION"), "w") as f:
-        f.write(ZOO_VERSION)
+    with open(os.path.join(out, STAMP_NAME), "w") as f:
+        f.write(_stamp(profile))
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=None, help="zoo directory (default: %s)" % default_zoo_dir())
+    parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
+    parser.add_argument("--out", default=None, help="zoo directory (default: $VPGTRANS_TOY_ZOO, else "
+                                                    "<cache>/toy_zoo or, for the demo profile, <cache>/toy_zoo_demo)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    print(ensure_zoo(args.out))
+    print(ensure_zoo(args.out, profile=args.profile))
 
 
 if __name__ == "__main__":

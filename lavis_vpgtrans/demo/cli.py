@@ -1,0 +1,416 @@
+"""`python -m lavis_vpgtrans.demo`: builds the toy world, runs the experiment's jobs and
+reports the speed-ups (see the package docstring)."""
+
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Dict, List, Mapping, Optional, Sequence
+
+from lavis_vpgtrans.demo import plan as P
+from lavis_vpgtrans.demo.jobs import JobFailed, run_jobs
+
+# Table 2 of the paper compares projector-only warm-up epochs with and without the converter
+# initialisation; these runs are that ablation (warmup.yaml: every epoch is stage 1).
+WARMUP_EPOCHS = 3
+GOAL_SPEEDUP = 2.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import lavis_vpgtrans.demo as package
+
+    p = argparse.ArgumentParser(prog="python -m lavis_vpgtrans.demo", description=package.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="output/demo", help="output directory (default: %(default)s)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one experiment per seed (default: 0 1)")
+    p.add_argument("--epochs", type=int, default=10, help="epochs of every transfer and baseline (default: 10)")
+    p.add_argument("--source-epochs", type=int, default=15, help="epochs of the source model (default: 15)")
+    p.add_argument("--stage1-epochs", type=int, default=5,
+                   help="epochs of BLIP-2 stage 1 for the train-from-scratch Q-Former (default: 5)")
+    p.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS,
+                   help="projector-only epochs of the warm-up table's runs (default: %(default)s; 0: no table)")
+    p.add_argument("--no-cross-family", action="store_true", help="leave out the opt-small -> LLaMA transfer")
+    p.add_argument("--zoo", default=None, help="toy world directory (default: $VPGTRANS_TOY_ZOO, else the cache's "
+                                                 "toy_zoo_demo); built there if missing")
+    p.add_argument("--profile", default="demo", help="toy zoo profile (default: demo; 'test' is the test suite's "
+                                                    "quick zoo, on which nothing is learnt well)")
+    p.add_argument("--jobs", type=int, default=2, help="training processes at once (default: 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    return p
+
+
+def check_args(args) -> None:
+    for name in ("epochs", "source_epochs", "stage1_epochs", "jobs", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.warmup_epochs < 0:
+        raise SystemExit(f"error: --warmup-epochs must be 0 or more, got {args.warmup_epochs}")
+    if args.epochs < 2:
+        raise SystemExit("error: --epochs must be at least 2 (VPGTrans spends the first on the warm-up)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"error: --seeds repeats a seed: {args.seeds}")
+
+
+# --------------------------------------------------------------------------- the world
+
+class StepBars:
+    """One tqdm bar per step of a build reported as progress(what, done, total)."""
+
+    def __init__(self, prefix: str):
+        self.prefix, self.what, self.bar = prefix, None, None
+
+    def __call__(self, what: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if what != self.what:
+            self.close()
+            self.what = what
+            self.bar = tqdm(total=total, desc=f"{self.prefix}: {what}", unit="step", leave=False, file=sys.stdout)
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def build_world(zoo_dir: str, profile: str) -> str:
+    from lavis_vpgtrans.toy.zoo import ensure_zoo, zoo_profile
+
+    start = time.time()
+    reused = zoo_profile(zoo_dir) == profile
+    bars = StepBars("toy world")
+    try:
+        root = ensure_zoo(zoo_dir, profile=profile, progress=bars)
+    except ValueError as err:  # a zoo of another profile there: refused, nothing deleted
+        raise SystemExit(f"error: --zoo: {err}") from err
+    finally:
+        bars.close()
+    say(f"[world] toy zoo ({profile} profile) {'reused' if reused else 'built'} at {root} "
+        f"({time.time() - start:.0f} s)")
+    return root
+
+
+def zoo_stamp(zoo_dir: str) -> str:
+    with open(os.path.join(zoo_dir, "ZOO_VERSION")) as f:
+        return f.read().strip()
+
+
+def ensure_stage1(zoo_dir: str, epochs: int, env: Dict[str, str]) -> str:
+    """The BLIP-2 stage-1 Q-Former train-from-scratch starts from, trained once per zoo (kept
+    next to it, with a stamp of what it was trained from) and reused by every seed."""
+    from filelock import FileLock
+
+    world_dir = os.path.join(zoo_dir, "demo")
+    os.makedirs(world_dir, exist_ok=True)
+    job = P.stage1_job(world_dir, epochs)
+    stamp_file = os.path.join(job.out_dir, "STAMP")
+    stamp = P.stage1_stamp(zoo_stamp(zoo_dir), epochs)
+    with FileLock(job.out_dir + ".lock"):
+        if os.path.isfile(stamp_file) and open(stamp_file).read() == stamp and os.path.isfile(job.product):
+            say(f"[world] BLIP-2 stage-1 Q-Former reused: {job.product}")
+            return job.product
+        shutil.rmtree(job.out_dir, ignore_errors=True)
+        wall = run_with_bar([job], env, 1, "BLIP-2 stage-1 Q-Former")
+        with open(stamp_file, "w") as f:
+            f.write(stamp)
+    say(f"[world] BLIP-2 stage-1 Q-Former: {epochs} epochs ({wall[job.key]:.0f} s) -> {job.product}")
+    return job.product
+
+
+# --------------------------------------------------------------------------- running
+
+def say(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def run_with_bar(jobs: List[P.Job], env, max_parallel: int, desc: str, on_done=None) -> Dict[str, float]:
+    from tqdm import tqdm
+
+    with tqdm(total=sum(job.epochs for job in jobs), desc=desc, unit="epoch", file=sys.stdout,
+              dynamic_ncols=True) as bar:
+        return run_jobs(jobs, env, max_parallel, bar=bar, on_done=on_done)
+
+
+def read_metrics(job_dir: str) -> List[dict]:
+    path = os.path.join(job_dir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def series(records: Sequence[dict], benchmark: str, metric: str) -> Dict[int, float]:
+    """{runner epoch: score}."""
+    return {r["epoch"]: r["metrics"][metric] for r in records if r["benchmark"] == benchmark}
+
+
+def converter_quality(path: str) -> dict:
+    from lavis_vpgtrans.common.checkpoint import load_checkpoint_file
+
+    meta = load_checkpoint_file(path)["metadata"]
+    overlap, quality = meta["overlap"], meta["quality"]
+    return {"pairs": overlap["pairs"], "same_tokenizer": overlap["same_tokenizer"], "fit": overlap["fit"],
+            "held_out": overlap["held_out"], "held_out_mean_cosine": quality.get("held_out_mean_cosine"),
+            "held_out_top1_nn_accuracy": quality.get("held_out_top1_nn_accuracy"),
+            "nn_candidates": quality.get("nn_candidates")}
+
+
+def job_summary(job: P.Job, wall: float) -> str:
+    seed = job.key.split("/", 1)[0]
+    if job.run is None:  # a converter
+        q = converter_quality(job.product)
+        return (f"[{seed}] {job.label}: {q['pairs']} shared tokens, held-out cosine "
+                f"{q['held_out_mean_cosine']:.3f}, top-1 NN {q['held_out_top1_nn_accuracy']:.2f} ({wall:.0f} s)")
+    if not job.validates:
+        return f"[{seed}] {job.label}: {job.epochs} epochs ({wall:.0f} s)"
+    records = read_metrics(job.job_dir)
+    parts = []
+    for bench, metric in P.METRICS.items():
+        scores = series(records, bench, metric)
+        if scores:
+            best_epoch = max(scores, key=lambda e: (scores[e], -e))
+            parts.append(f"{bench} best {scores[best_epoch]:.3f} (epoch {best_epoch + 1}), last {scores[max(scores)]:.3f}")
+    return f"[{seed}] {job.label}: {job.epochs} epochs, " + "; ".join(parts) + f" ({wall:.0f} s)"
+
+
+# --------------------------------------------------------------------------- analysis
+
+def analyse_seed(seed_plan: P.SeedPlan, cross_family: bool) -> dict:
+    """Table 3 / Table 5 / warm-up table of one seed, written under <seed dir>/analysis/."""
+    from lavis_vpgtrans.analysis.speedup import load_run, run_analysis
+
+    jobs = seed_plan.jobs()
+    root = seed_plan.root
+
+    def run_of(spec: P.Run):
+        return load_run(os.path.join(root, spec.name, P.JOB_ID), spec.label)
+
+    opt_tables, opt_md = run_analysis(run_of(P.TFS), run_of(P.VPGTRANS), run_of(P.INHERIT), [run_of(P.NO_CONVERTER)],
+                                      P.METRICS, os.path.join(root, "analysis", "opt-large"))
+    result = {"opt-large": {"tables": [t.to_json() for t in opt_tables], "markdown": opt_md}}
+    if cross_family:
+        tables, md = run_analysis(run_of(P.CROSS_TFS), run_of(P.CROSS_VPGTRANS), None, [], P.METRICS,
+                                  os.path.join(root, "analysis", "llama"))
+        result["llama"] = {"tables": [t.to_json() for t in tables], "markdown": md}
+    result["converters"] = {job.extra["tgt"]: converter_quality(job.product)
+                            for job in jobs.values() if job.run is None}
+    warmup = {}
+    for spec in (P.WARMUP_CONVERTER, P.WARMUP_RANDOM):
+        key = f"seed{seed_plan.seed}/{spec.name}"
+        if key in jobs:
+            scores = series(read_metrics(jobs[key].job_dir), P.CAPTION, P.METRICS[P.CAPTION])
+            warmup[spec.label] = {str(epoch + 1): score for epoch, score in sorted(scores.items())}
+    if warmup:
+        result["warmup"] = warmup
+    best = {}
+    for job in jobs.values():
+        if job.run is not None and job.validates:
+            records = read_metrics(job.job_dir)
+            best[job.run.label] = {bench: max(series(records, bench, metric).values())
+                                   for bench, metric in P.METRICS.items() if series(records, bench, metric)}
+    result["best"] = best
+    return result
+
+
+def cell(tables_json: List[dict], row: str, bench: str) -> Optional[dict]:
+    for table in tables_json[:1]:  # Table 3
+        for r in table["rows"]:
+            if r["run"] == row and bench in r["cells"]:
+                return r["cells"][bench]
+    return None
+
+
+def fmt_speedup(c: Optional[dict]) -> str:
+    if c is None:
+        return "n/a"
+    return "-" if c["speedup"] is None else f"{c['speedup']:.1f}"
+
+
+def speedup_rows(results: Mapping[int, dict], cross_family: bool) -> List[tuple]:
+    """(row label, transfer key, run label) of the summary's speed-up table."""
+    rows = [(P.VPGTRANS.label, "opt-large", P.VPGTRANS.label), (P.INHERIT.label, "opt-large", P.INHERIT.label),
+            (P.NO_CONVERTER.label, "opt-large", P.NO_CONVERTER.label)]
+    if cross_family:
+        rows.append((P.CROSS_VPGTRANS.label + " (vs TFS LLaMA)", "llama", P.CROSS_VPGTRANS.label))
+    return rows
+
+
+def summary_markdown(results: Mapping[int, dict], cross_family: bool) -> str:
+    seeds = sorted(results)
+    out = ["### Table 3 in miniature: speed-up against train from scratch (TFS), per seed", "",
+           "Epochs TFS needs to reach its best score / epochs the transfer needs to beat it "
+           "(\"-\": never; VPGTrans's warm-up counts as epoch 1).", ""]
+    head = [f"seed {s} {name}" for s in seeds for name in ("caption CIDEr", "VQA acc")]
+    out.append("| transfer to opt-large | " + " | ".join(head) + " |")
+    out.append("|---" * (len(head) + 1) + "|")
+    for label, transfer, run in speedup_rows(results, cross_family):
+        cells = [fmt_speedup(cell(results[s][transfer]["tables"], run, bench))
+                 for s in seeds for bench in (P.CAPTION, P.VQA)]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    out += ["", "### Best scores (caption CIDEr / VQA accuracy)", ""]
+    labels = list(dict.fromkeys(label for s in seeds for label in results[s]["best"]))
+    out.append("| run | " + " | ".join(f"seed {s}" for s in seeds) + " |")
+    out.append("|---" * (len(seeds) + 1) + "|")
+    for label in labels:
+        vals = []
+        for s in seeds:
+            b = results[s]["best"].get(label, {})
+            vals.append(f"{b.get(P.CAPTION, math.nan):.3f} / {b.get(P.VQA, math.nan):.1f}")
+        out.append(f"| {label} | " + " | ".join(vals) + " |")
+    if any("warmup" in results[s] for s in seeds):
+        out += ["", "### Table 2 in miniature: projector-only warm-up, caption CIDEr after each epoch", ""]
+        epochs = sorted({e for s in seeds for w in results[s].get("warmup", {}).values() for e in w}, key=int)
+        out.append("| seed | projector init | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
+        out.append("|---" * (len(epochs) + 2) + "|")
+        for s in seeds:
+            for label, scores in results[s].get("warmup", {}).items():
+                out.append(f"| {s} | {label} | " + " | ".join(f"{scores[e]:.3f}" if e in scores else "n/a"
+                                                              for e in epochs) + " |")
+    out += ["", "### Word-embedding converter (held-out shared tokens)", "",
+            "| seed | transfer | shared tokens | held-out cosine | top-1 NN accuracy |", "|---|---|---|---|---|"]
+    for s in seeds:
+        for tgt, q in results[s]["converters"].items():
+            out.append(f"| {s} | opt-small -> {tgt} | {q['pairs']} | {q['held_out_mean_cosine']:.3f} | "
+                       f"{q['held_out_top1_nn_accuracy']:.2f} |")
+    return "\n".join(out) + "\n"
+
+
+def goal(results: Mapping[int, dict]) -> dict:
+    """The issue's goal: VPGTrans beats TFS's best caption CIDEr in at most half of TFS's
+    epochs (speed-up >= 2), for every seed."""
+    per_seed = {}
+    for seed, res in sorted(results.items()):
+        c = cell(res["opt-large"]["tables"], P.VPGTRANS.label, P.CAPTION)
+        per_seed[str(seed)] = None if c is None else c["speedup"]
+    met = all(v is not None and v >= GOAL_SPEEDUP for v in per_seed.values())
+    return {"metric": f"{P.CAPTION} {P.METRICS[P.CAPTION]}", "threshold": GOAL_SPEEDUP,
+            "speedup_per_seed": per_seed, "met": met}
+
+
+def plot(plans: Mapping[int, P.SeedPlan], cross_family: bool, path: str) -> None:
+    """Convergence curves: a row per seed; caption CIDEr and VQA accuracy of the opt-large
+    runs (and of the LLaMA runs)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from lavis_vpgtrans.analysis.speedup import load_run
+
+    groups = [("opt-small -> opt-large", [P.TFS, P.INHERIT, P.VPGTRANS, P.NO_CONVERTER])]
+    if cross_family:
+        groups.append(("opt-small -> LLaMA", [P.CROSS_TFS, P.CROSS_VPGTRANS]))
+    panels = [(title, runs, bench) for title, runs in groups for bench in (P.CAPTION, P.VQA)]
+    seeds = sorted(plans)
+    fig, axes = plt.subplots(len(seeds), len(panels), figsize=(4.2 * len(panels), 3.4 * len(seeds)), squeeze=False)
+    for row, seed in enumerate(seeds):
+        for col, (title, runs, bench) in enumerate(panels):
+            ax = axes[row][col]
+            for i, spec in enumerate(runs):
+                run = load_run(os.path.join(plans[seed].root, spec.name, P.JOB_ID), spec.label)
+                scores = run.scores(bench, P.METRICS[bench])
+                ax.plot(list(scores), list(scores.values()), marker="osD^"[i], color=f"C{i}", label=spec.label)
+            ax.set_title(f"seed {seed}: {title}", fontsize="medium")
+            ax.set_xlabel("epoch (VPGTrans warm-up = epoch 1)")
+            ax.set_ylabel(f"{bench} {P.METRICS[bench]}")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    start = time.time()
+    from lavis_vpgtrans.toy.zoo import PROFILES, default_zoo_dir
+
+    if args.profile not in PROFILES:
+        raise SystemExit(f"error: --profile {args.profile!r}: known profiles are {sorted(PROFILES)}")
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    zoo_dir = os.path.abspath(args.zoo or default_zoo_dir(args.profile))
+    cross_family = not args.no_cross_family
+    say(f"VPGTrans demo: seeds {args.seeds}, {args.epochs} epochs per transfer, output in {out}")
+
+    # every job sees this zoo through `toy:` paths; one thread each, `--jobs` of them at once
+    env = dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
+               MKL_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    timings = {}
+    t = time.time()
+    build_world(zoo_dir, args.profile)
+    timings["world"] = time.time() - t
+    t = time.time()
+    # alone on the machine: it may use every thread the parallel jobs would
+    threads = str(args.jobs * args.threads)
+    stage1 = ensure_stage1(zoo_dir, args.stage1_epochs, dict(env, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads))
+    timings["qformer_stage1"] = time.time() - t
+
+    plans = {seed: P.seed_plan(seed, out, zoo_dir, stage1, args.epochs, args.source_epochs, cross_family,
+                               warmup_epochs=args.warmup_epochs) for seed in args.seeds}
+    for seed_plan in plans.values():
+        shutil.rmtree(seed_plan.root, ignore_errors=True)  # a rerun starts clean
+    # all seeds in one queue, sources first: the transfers wait only for their own source
+    jobs = sorted((job for p in plans.values() for job in p.jobs().values()),
+                  key=lambda job: (job.run is not P.SOURCE, job.key))
+    t = time.time()
+    walls = run_with_bar(jobs, env, args.jobs, f"training {len(jobs)} jobs",
+                         on_done=lambda job, wall: say(job_summary(job, wall)))
+    timings["jobs"] = time.time() - t
+    timings["job_walls"] = walls
+
+    results = {seed: analyse_seed(seed_plan, cross_family) for seed, seed_plan in plans.items()}
+    markdown = summary_markdown(results, cross_family)
+    outcome = goal(results)
+    speedups = ", ".join(f"seed {s}: {'-' if v is None else f'{v:.1f}'}" for s, v in outcome["speedup_per_seed"].items())
+    goal_line = (f"Goal (VPGTrans speed-up >= {GOAL_SPEEDUP:g} on caption CIDEr for every seed): "
+                 f"{'met' if outcome['met'] else 'NOT met'} ({speedups})")
+    plot_path = os.path.join(out, "convergence.png")
+    plot(plans, cross_family, plot_path)
+    timings["total"] = time.time() - start
+    total = f"Total wall time: {timings['total'] / 60:.1f} min ({timings['total']:.0f} s)"
+
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(markdown + "\n" + goal_line + "\n\n" + total + "\n\n")
+        for seed in sorted(results):
+            for transfer in ("opt-large", "llama"):
+                if transfer in results[seed]:
+                    f.write(f"## seed {seed}, opt-small -> {transfer}\n\n{results[seed][transfer]['markdown']}\n")
+    summary = {
+        "args": vars(args), "zoo": zoo_dir, "zoo_stamp": zoo_stamp(zoo_dir), "stage1_checkpoint": stage1,
+        "metrics": P.METRICS, "goal": outcome, "timings_s": timings,
+        "seeds": {str(seed): {k: v for k, v in res.items() if k not in ("opt-large", "llama")}
+                  | {transfer: {"tables": res[transfer]["tables"]} for transfer in ("opt-large", "llama")
+                     if transfer in res}
+                  for seed, res in results.items()},
+    }
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+
+    print()
+    print(markdown)
+    print(goal_line)
+    print(f"Wrote {os.path.join(out, 'results.json')}, results.md, {plot_path}; per-seed tables and plots "
+          f"under seed*/analysis/")
+    print(total)
+    return 0
+
+
+def entry() -> int:
+    try:
+        return main()
+    except JobFailed as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        return 1

@@ -1,0 +1,164 @@
+"""What the demo runs: each step as a `train.py` or converter-CLI command with its
+dependencies, outputs and length (in epochs, for the progress bars)."""
+
+import hashlib
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG_DIR = os.path.join(REPO_ROOT, "projects", "vpgtrans", "demo", "experiment")
+TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
+JOB_ID = "run"  # LAVIS writes <output_dir>/<job_id>/; one fixed name keeps the layout predictable
+CAPTION = "toy_caption"  # the runner names the primary benchmark after its dataset
+VQA = "toy_vqa"  # the extra_validation entry of source.yaml
+METRICS = {CAPTION: "CIDEr", VQA: "agg_metrics"}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run of the experiment."""
+
+    name: str  # directory name
+    label: str  # row name in tables and plots
+    config: str  # file in CONFIG_DIR
+    llm: str  # zoo entry of its LLM (for the summary lines)
+
+
+SOURCE = Run("source", "source (opt-small)", "source.yaml", "opt-small")
+TFS = Run("tfs", "TFS", "tfs.yaml", "opt-large")
+INHERIT = Run("vpg_inherit", "VPG inherit", "vpg_inherit.yaml", "opt-large")
+VPGTRANS = Run("vpgtrans", "VPGTrans", "vpgtrans.yaml", "opt-large")
+NO_CONVERTER = Run("vpgtrans_no_converter", "VPGTrans w/o converter init", "vpgtrans_no_converter.yaml", "opt-large")
+CROSS_TFS = Run("cross_tfs", "TFS (LLaMA)", "cross_tfs.yaml", "llama")
+CROSS_VPGTRANS = Run("cross_vpgtrans", "VPGTrans opt-small->LLaMA", "cross_vpgtrans.yaml", "llama")
+STAGE1 = Run("qformer_stage1", "BLIP-2 stage-1 Q-Former", "qformer_stage1.yaml", "-")
+# the warm-up table (paper Table 2): projector-only epochs from the two initialisations
+WARMUP_CONVERTER = Run("warmup_converter", "converter init", "warmup.yaml", "opt-large")
+WARMUP_RANDOM = Run("warmup_random", "random init", "warmup_no_converter.yaml", "opt-large")
+
+
+@dataclass
+class Job:
+    key: str  # unique within a plan, e.g. "seed0/tfs"
+    label: str
+    argv: List[str]
+    out_dir: str  # the run's output_dir, or the converter's output directory
+    epochs: int  # progress units (a converter counts as one)
+    deps: Tuple[str, ...] = ()
+    validates: bool = True  # writes metrics.jsonl every epoch
+    product: Optional[str] = None  # the file later jobs read
+    run: Optional[Run] = None
+    extra: Dict = field(default_factory=dict)
+
+    @property
+    def job_dir(self) -> str:
+        return os.path.join(self.out_dir, JOB_ID)
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.out_dir, "stdout.log")
+
+
+def train_job(key: str, run: Run, out_dir: str, seed: int, epochs: int, options: Sequence[str] = (),
+              deps: Sequence[str] = (), validates: bool = True) -> Job:
+    """`python train.py --cfg-path <run's config> --options ...` writing into out_dir/run/."""
+    if not os.path.isfile(TRAIN_PY):
+        raise FileNotFoundError(f"the demo runs {TRAIN_PY}, which is missing: run it from a checkout of the repository")
+    argv = [sys.executable, TRAIN_PY, "--cfg-path", os.path.join(CONFIG_DIR, run.config), "--options",
+            f"run.output_dir={out_dir}", f"run.job_id={JOB_ID}", f"run.seed={seed}", f"run.max_epoch={epochs}",
+            *options]
+    product = os.path.join(out_dir, JOB_ID, "checkpoint_best.pth" if validates else f"checkpoint_{epochs - 1}.pth")
+    return Job(key=key, label=run.label, argv=argv, out_dir=out_dir, epochs=epochs, deps=tuple(deps),
+               validates=validates, product=product, run=run)
+
+
+def converter_job(key: str, label: str, zoo_dir: str, src: str, tgt: str, tgt_arch: str, projector: str,
+                  out_dir: str, seed: int, deps: Sequence[str]) -> Job:
+    """`python -m lavis_vpgtrans.transfer.converter`: the word-embedding converter from the
+    source LLM to the target, merged with the source projector."""
+    out = os.path.join(out_dir, f"{src}_to_{tgt}.pth")
+    argv = [sys.executable, "-m", "lavis_vpgtrans.transfer.converter",
+            "--src", os.path.join(zoo_dir, src), "--tgt", os.path.join(zoo_dir, tgt),
+            "--projector", projector, "--src-arch", "blip2_opt_transfer", "--tgt-arch", tgt_arch,
+            "--out", out, "--seed", str(seed)]
+    return Job(key=key, label=label, argv=argv, out_dir=out_dir, epochs=1, deps=tuple(deps), validates=False,
+               product=out, extra={"src": src, "tgt": tgt})
+
+
+def stage1_job(world_dir: str, epochs: int, seed: int = 0) -> Job:
+    """BLIP-2 stage 1 on the toy world (the Q-Former train-from-scratch starts from)."""
+    return train_job("world/qformer_stage1", STAGE1, os.path.join(world_dir, STAGE1.name), seed, epochs,
+                     validates=False)
+
+
+def stage1_stamp(zoo_stamp: str, epochs: int) -> str:
+    """What the cached stage-1 Q-Former depends on: the zoo, its config, the epochs."""
+    with open(os.path.join(CONFIG_DIR, STAGE1.config), "rb") as f:
+        config = hashlib.sha256(f.read()).hexdigest()[:16]
+    return f"zoo={zoo_stamp} config={config} epochs={epochs}"
+
+
+@dataclass
+class SeedPlan:
+    seed: int
+    root: str
+    phases: List[Tuple[str, List[Job]]]  # (title, jobs) in order
+
+    def jobs(self) -> Dict[str, Job]:
+        return {job.key: job for _, jobs in self.phases for job in jobs}
+
+
+def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epochs: int, source_epochs: int,
+              cross_family: bool = True, warmup_epochs: int = 0) -> SeedPlan:
+    """The runs of one seed, in three phases: source and train-from-scratch baselines (they
+    need only the stage-1 Q-Former), the converters (they need the source projector), then
+    the transfers, and with `warmup_epochs` > 0 the warm-up table's projector-only runs."""
+    root = os.path.join(out_dir, f"seed{seed}")
+    key = lambda name: f"seed{seed}/{name}"  # noqa: E731
+    run_dir = lambda run: os.path.join(root, run.name)  # noqa: E731
+
+    def train(run, n_epochs, options=(), deps=()):
+        return train_job(key(run.name), run, run_dir(run), seed, n_epochs, options, deps)
+
+    stage1 = [f"model.vpg_checkpoint={stage1_checkpoint}"]
+    source = train(SOURCE, source_epochs, stage1)
+    first = [source, train(TFS, epochs, stage1)]
+    if cross_family:
+        first.append(train(CROSS_TFS, epochs, stage1))
+
+    conv_dir = os.path.join(root, "converter")
+    converters = [converter_job(key("convert_opt-large"), "converter opt-small -> opt-large", zoo_dir,
+                                "opt-small", "opt-large", "blip2_opt_transfer", source.product, conv_dir, seed,
+                                deps=[source.key])]
+    if cross_family:
+        converters.append(converter_job(key("convert_llama"), "converter opt-small -> LLaMA", zoo_dir,
+                                        "opt-small", "llama", "blip2_llama", source.product, conv_dir, seed,
+                                        deps=[source.key]))
+
+    inherit_vpg = [f"model.vpg_checkpoint={source.product}"]
+    to_large = converters[0]
+    transfers = [
+        train(VPGTRANS, epochs, inherit_vpg + [f"model.projector_checkpoint={to_large.product}"],
+              deps=[source.key, to_large.key]),
+        train(INHERIT, epochs, inherit_vpg, deps=[source.key]),
+        train(NO_CONVERTER, epochs, inherit_vpg, deps=[source.key]),
+    ]
+    if cross_family:
+        to_llama = converters[1]
+        transfers.append(train(CROSS_VPGTRANS, epochs, inherit_vpg + [f"model.projector_checkpoint={to_llama.product}"],
+                               deps=[source.key, to_llama.key]))
+    if warmup_epochs > 0:
+        only_stage1 = [f"run.warmup_epochs={warmup_epochs}"]
+        transfers += [
+            train(WARMUP_CONVERTER, warmup_epochs,
+                  inherit_vpg + only_stage1 + [f"model.projector_checkpoint={to_large.product}"],
+                  deps=[source.key, to_large.key]),
+            train(WARMUP_RANDOM, warmup_epochs, inherit_vpg + only_stage1, deps=[source.key]),
+        ]
+    return SeedPlan(seed=seed, root=root, phases=[
+        ("source model and train-from-scratch baselines", first),
+        ("word-embedding converters", converters),
+        ("transfers", transfers),
+    ])

@@ -1,0 +1,122 @@
+"""The offline demo (python -m lavis_vpgtrans.demo), reduced to a few epochs on the session's
+toy zoo, end to end through its real subprocesses: train.py, the runner, the converter CLI
+and the speed-up analysis."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lavis_vpgtrans.toy import world
+from lavis_vpgtrans.toy.zoo import TOY_VIT, ZOO_VERSION, build_eva_vit, ensure_zoo, pretrain_vit, zoo_profile
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_demo(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "lavis_vpgtrans.demo", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+
+
+def captions_of(metrics_file, benchmark="toy_caption", metric="CIDEr"):
+    with open(metrics_file) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [(r["epoch"], r["stage"], r["metrics"][metric]) for r in records if r["benchmark"] == benchmark]
+
+
+def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
+    out = tmp_path / "demo"
+    proc = run_demo("--out", str(out), "--zoo", toy_zoo, "--profile", zoo_profile(toy_zoo), "--seeds", "3",
+                    "--epochs", "2", "--source-epochs", "1", "--stage1-epochs", "1", "--warmup-epochs", "2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    stdout = proc.stdout
+    for line in ("Table 3 in miniature", "Table 2 in miniature", "Word-embedding converter", "Goal (VPGTrans",
+                 "Total wall time", "[seed3] VPGTrans:", "[seed3] converter opt-small -> LLaMA"):
+        assert line in stdout, line
+
+    results = json.loads((out / "results.json").read_text())
+    seed = results["seeds"]["3"]
+    root = out / "seed3"
+    # Table 3: p is TFS's best caption CIDEr as its own log has it
+    tfs = captions_of(root / "tfs" / "run" / "metrics.jsonl")
+    assert len(tfs) == 2 and all(stage == 2 for _, stage, _ in tfs)
+    table3 = seed["opt-large"]["tables"][0]
+    rows = {row["run"]: row["cells"] for row in table3["rows"]}
+    assert set(rows) == {"VPGTrans", "VPG inherit", "VPGTrans w/o converter init"}
+    assert rows["VPGTrans"]["toy_caption"]["p"] == pytest.approx(max(score for _, _, score in tfs))
+    assert set(rows["VPGTrans"]) == {"toy_caption", "toy_vqa"}
+    # Table 5 (VPGTrans vs VPG inherit) and the cross-family table
+    assert len(seed["opt-large"]["tables"]) == 2
+    assert seed["llama"]["tables"][0]["rows"][0]["run"] == "VPGTrans opt-small->LLaMA"
+    # VPGTrans: epoch 0 is the projector warm-up (stage 1), then joint training
+    vpgtrans = captions_of(root / "vpgtrans" / "run" / "metrics.jsonl")
+    assert [stage for _, stage, _ in vpgtrans] == [1, 2]
+    # the warm-up table's runs are stage 1 throughout
+    warmup = captions_of(root / "warmup_converter" / "run" / "metrics.jsonl")
+    assert [stage for _, stage, _ in warmup] == [1, 1]
+    assert set(seed["warmup"]) == {"converter init", "random init"}
+    assert seed["warmup"]["converter init"] == {"1": warmup[0][2], "2": warmup[1][2]}
+    # converter quality, read from the converter's own output
+    assert set(seed["converters"]) == {"opt-large", "llama"}
+    assert seed["converters"]["opt-large"]["same_tokenizer"] is True
+    assert seed["converters"]["llama"]["same_tokenizer"] is False
+    assert -1.0 <= seed["converters"]["llama"]["held_out_mean_cosine"] <= 1.0
+    assert set(results["goal"]["speedup_per_seed"]) == {"3"}
+    assert results["timings_s"]["total"] > 0
+    from PIL import Image
+
+    with Image.open(out / "convergence.png") as image:
+        assert image.width > 400 and image.height > 200
+    assert (root / "analysis" / "opt-large" / "convergence.png").is_file()
+    assert "Table 5" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "1"], "--epochs must be at least 2"),
+    (["--seeds", "0", "0"], "--seeds repeats a seed"),
+    (["--profile", "huge"], "--profile 'huge'"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+])
+def test_demo_rejects_bad_arguments(tmp_path, args, message):
+    from lavis_vpgtrans.demo.cli import main
+
+    with pytest.raises(SystemExit, match=message):
+        main(["--out", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_zoo_of_another_profile_is_refused_not_deleted(tmp_path):
+    root = tmp_path / "zoo"
+    root.mkdir()
+    (root / "ZOO_VERSION").write_text(f"{ZOO_VERSION} demo")
+    (root / "keep.txt").write_text("x")
+    assert zoo_profile(str(root)) == "demo"
+    with pytest.raises(ValueError, match="'demo' profile, not 'test'"):
+        ensure_zoo(str(root), profile="test")
+    assert (root / "keep.txt").is_file()
+
+
+def test_vit_pretraining_learns_the_scenes():
+    """The demo profile's ViT pre-training: per-cell colour x shape classification."""
+    torch.set_num_threads(1)
+    cfg = dict(TOY_VIT)
+    torch.manual_seed(0)
+    vit = build_eva_vit(cfg)
+    first = pretrain_vit(vit, cfg, steps=1, n_scenes=64, batch_size=32)
+    last = pretrain_vit(vit, cfg, steps=40, n_scenes=64, batch_size=32)
+    assert last < 0.5 * first
+    assert not vit.training
+
+
+def test_corpus_documents_put_the_caption_after_the_description():
+    docs = world.corpus_documents(5, seed=1, questions_per_doc=1)
+    assert len(docs) == 5
+    for description, caption, question in docs:
+        assert description.count(",") == len(world.CELLS) - 1
+        assert question.startswith("Question: ") and " Answer: " in question
+        assert caption and not caption.startswith("Question")
+    assert world.corpus_documents(5, seed=1) == docs

@@ -174,6 +174,21 @@ def test_cider_by_hand():
     assert metrics["CIDEr"] == pytest.approx((image1 + 10) / 2, abs=1e-9)
 
 
+def test_caption_metrics_subset():
+    refs = {1: ["alpha beta gamma delta"], 2: ["red green blue yellow"]}
+    preds = {1: "alpha beta gamma", 2: "red green blue yellow"}
+    full = score_captions(refs, preds, spice=False)
+    subset = score_captions(refs, preds, spice=False, metrics_to_run=["Bleu", "CIDEr"])
+    assert set(subset) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "CIDEr"}
+    assert subset["CIDEr"] == full["CIDEr"] and subset["Bleu_4"] == full["Bleu_4"]
+    with pytest.raises(ValueError, match="'SPICE' unknown"):
+        score_captions(refs, preds, spice=False, metrics_to_run=["CIDEr", "SPICE"])
+    # the task refuses at setup an aggregate metric its scorers would not compute
+    with pytest.raises(ValueError, match="needs the CIDEr scorer"):
+        VPGTransCaptionTask(num_beams=1, max_len=5, min_len=1, evaluate=True, agg_metric="CIDEr",
+                            caption_metrics=["Bleu"])
+
+
 def test_nocaps_domains(tmp_path):
     refs = {i + 1: [c] * 3 for i, c in enumerate(DISJOINT)}
     domains = {1: "in-domain", 2: "in-domain", 3: "near-domain", 4: "near-domain",

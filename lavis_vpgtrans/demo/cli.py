@@ -68,9 +68,9 @@ class StepBars:
         if what != self.what:
             self.close()
             self.what = what
-            self.bar = tqdm(total=total, desc=f"{self.prefix}: {what}", unit="step", leave=False, file=sys.stdout)
-        self.bar.n = done
-        self.bar.refresh()
+            self.bar = tqdm(total=total, desc=f"{self.prefix}: {what}", unit="step", leave=False, file=sys.stdout,
+                            mininterval=1.0)
+        self.bar.update(done - self.bar.n)  # redrawn at most once a second
 
     def close(self) -> None:
         if self.bar is not None:
@@ -232,7 +232,7 @@ def fmt_speedup(c: Optional[dict]) -> str:
     return "-" if c["speedup"] is None else f"{c['speedup']:.1f}"
 
 
-def speedup_rows(results: Mapping[int, dict], cross_family: bool) -> List[tuple]:
+def speedup_rows(cross_family: bool) -> List[tuple]:
     """(row label, transfer key, run label) of the summary's speed-up table."""
     rows = [(P.VPGTRANS.label, "opt-large", P.VPGTRANS.label), (P.INHERIT.label, "opt-large", P.INHERIT.label),
             (P.NO_CONVERTER.label, "opt-large", P.NO_CONVERTER.label)]
@@ -249,7 +249,7 @@ def summary_markdown(results: Mapping[int, dict], cross_family: bool) -> str:
     head = [f"seed {s} {name}" for s in seeds for name in ("caption CIDEr", "VQA acc")]
     out.append("| transfer to opt-large | " + " | ".join(head) + " |")
     out.append("|---" * (len(head) + 1) + "|")
-    for label, transfer, run in speedup_rows(results, cross_family):
+    for label, transfer, run in speedup_rows(cross_family):
         cells = [fmt_speedup(cell(results[s][transfer]["tables"], run, bench))
                  for s in seeds for bench in (P.CAPTION, P.VQA)]
         out.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -353,9 +353,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     build_world(zoo_dir, args.profile)
     timings["world"] = time.time() - t
     t = time.time()
-    # alone on the machine: it may use every thread the parallel jobs would
-    threads = str(args.jobs * args.threads)
-    stage1 = ensure_stage1(zoo_dir, args.stage1_epochs, dict(env, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads))
+    stage1 = ensure_stage1(zoo_dir, args.stage1_epochs, env)
     timings["qformer_stage1"] = time.time() - t
 
     plans = {seed: P.seed_plan(seed, out, zoo_dir, stage1, args.epochs, args.source_epochs, cross_family,

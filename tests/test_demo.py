@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lavis_vpgtrans.toy import world
-from lavis_vpgtrans.toy.zoo import TOY_VIT, ZOO_VERSION, build_eva_vit, ensure_zoo, pretrain_vit, zoo_profile
+from lavis_vpgtrans.toy.zoo import (TOY_VIT, ZOO_VERSION, build_eva_vit, ensure_zoo, pretrain_lm, pretrain_vit, resolve,
+                                   zoo_profile)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,3 +121,31 @@ def test_corpus_documents_put_the_caption_after_the_description():
         assert question.startswith("Question: ") and " Answer: " in question
         assert caption and not caption.startswith("Question")
     assert world.corpus_documents(5, seed=1) == docs
+
+
+def test_document_pretraining_lowers_the_lm_loss():
+    """The demo profile's LM pre-training on multi-sentence documents (each sentence closed by
+    EOS, one sequence per document), with warm-up and clipping."""
+    from transformers import AutoTokenizer, OPTForCausalLM
+
+    torch.set_num_threads(1)
+    path = resolve("toy:opt-small")
+    model, tokenizer = OPTForCausalLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    docs = world.corpus_documents(64, seed=5)
+    steps = []
+    last = pretrain_lm(model, tokenizer, sentences=None, steps=30, batch_size=8, lr=3e-3, documents=docs,
+                       warmup_steps=5, clip_norm=1.0, on_step=steps.append)
+    assert steps == list(range(1, 31))
+    # the loss on one whole document, before and after
+    fresh = OPTForCausalLM.from_pretrained(path).eval()
+    ids = torch.tensor([sum((tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in docs[0]), [])])
+    with torch.no_grad():
+        before = fresh(input_ids=ids, labels=ids).loss.item()
+        after = model(input_ids=ids, labels=ids).loss.item()
+    assert after < before and last < before
+    assert not model.training
+    with pytest.raises(ValueError, match="decoder-only"):
+        from transformers import T5ForConditionalGeneration
+
+        pretrain_lm(T5ForConditionalGeneration.from_pretrained(resolve("toy:t5")), tokenizer, None, steps=1,
+                    documents=docs)

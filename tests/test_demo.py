@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from lavis_vpgtrans.toy import world
-from lavis_vpgtrans.toy.zoo import (TOY_VIT, ZOO_VERSION, build_eva_vit, ensure_zoo, pretrain_lm, pretrain_vit, resolve,
+from lavis_vpgtrans.toy import zoo
+from lavis_vpgtrans.toy.zoo import (TOY_VIT, build_eva_vit, ensure_zoo, pretrain_lm, pretrain_vit, resolve,
                                    zoo_profile)
 
 
@@ -49,6 +50,16 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
     rows = {row["run"]: row["cells"] for row in table3["rows"]}
     assert set(rows) == {"VPGTrans", "VPG inherit", "VPGTrans w/o converter init"}
     assert rows["VPGTrans"]["toy_caption"]["p"] == pytest.approx(max(score for _, _, score in tfs))
+    # the speed-up, recomputed from the two logs: paper epochs, stage 1 = epoch 1, strictly above p
+    vt = captions_of(root / "vpgtrans" / "run" / "metrics.jsonl")
+    p = max(score for _, _, score in tfs)
+    e_base = 1 + next(epoch for epoch, _, score in tfs if score == p)
+    e_run = next((1 + epoch for epoch, _, score in vt if score > p), None)
+    cell = rows["VPGTrans"]["toy_caption"]
+    assert (cell["e_baseline"], cell["e_run"]) == (e_base, e_run)
+    assert cell["speedup"] == (None if e_run is None else pytest.approx(e_base / e_run))
+    assert results["goal"]["speedup_per_seed"]["3"] == cell["speedup"]
+    assert results["goal"]["tfs_best_at_last_epoch"]["3"] == (e_base == 2)
     assert set(rows["VPGTrans"]) == {"toy_caption", "toy_vqa"}
     # Table 5 (VPGTrans vs VPG inherit) and the cross-family table
     assert len(seed["opt-large"]["tables"]) == 2
@@ -66,14 +77,19 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
     assert seed["converters"]["opt-large"]["same_tokenizer"] is True
     assert seed["converters"]["llama"]["same_tokenizer"] is False
     assert -1.0 <= seed["converters"]["llama"]["held_out_mean_cosine"] <= 1.0
-    assert set(results["goal"]["speedup_per_seed"]) == {"3"}
-    assert results["timings_s"]["total"] > 0
+    assert set(results["timings_s"]["job_walls"]) >= {"seed3/source", "seed3/vpgtrans", "seed3/convert_llama"}
     from PIL import Image
 
     with Image.open(out / "convergence.png") as image:
         assert image.width > 400 and image.height > 200
     assert (root / "analysis" / "opt-large" / "convergence.png").is_file()
     assert "Table 5" in (out / "results.md").read_text()
+    # a second run into the same directory is refused, the first one's results stay
+    from lavis_vpgtrans.demo.cli import main
+
+    with pytest.raises(SystemExit, match="holds an earlier run"):
+        main(["--out", str(out), "--zoo", toy_zoo, "--profile", zoo_profile(toy_zoo), "--seeds", "3"])
+    assert (root / "tfs" / "run" / "metrics.jsonl").is_file()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -93,12 +109,19 @@ def test_demo_rejects_bad_arguments(tmp_path, args, message):
 def test_zoo_of_another_profile_is_refused_not_deleted(tmp_path):
     root = tmp_path / "zoo"
     root.mkdir()
-    (root / "ZOO_VERSION").write_text(f"{ZOO_VERSION} demo")
+    (root / "ZOO_VERSION").write_text(zoo._stamp("demo"))
     (root / "keep.txt").write_text("x")
     assert zoo_profile(str(root)) == "demo"
     with pytest.raises(ValueError, match="'demo' profile, not 'test'"):
         ensure_zoo(str(root), profile="test")
     assert (root / "keep.txt").is_file()
+
+
+def test_a_directory_that_is_not_a_zoo_is_refused_not_deleted(tmp_path):
+    (tmp_path / "data.txt").write_text("precious")
+    with pytest.raises(ValueError, match="holds no toy zoo"):
+        ensure_zoo(str(tmp_path), profile="demo")
+    assert (tmp_path / "data.txt").read_text() == "precious"
 
 
 def test_vit_pretraining_learns_the_scenes():
@@ -149,3 +172,41 @@ def test_document_pretraining_lowers_the_lm_loss():
 
         pretrain_lm(T5ForConditionalGeneration.from_pretrained(resolve("toy:t5")), tokenizer, None, steps=1,
                     documents=docs)
+
+
+def test_job_failure_names_the_job_and_stops_the_others(tmp_path):
+    from lavis_vpgtrans.demo.jobs import JobFailed, run_jobs
+    from lavis_vpgtrans.demo.plan import Job
+
+    slow = Job(key="s/slow", label="slow", argv=[sys.executable, "-c", "import time; time.sleep(60)"],
+               out_dir=str(tmp_path / "slow"), epochs=1)
+    bad = Job(key="s/bad", label="bad", argv=[sys.executable, "-c", "print('boom'); raise SystemExit(3)"],
+              out_dir=str(tmp_path / "bad"), epochs=1)
+    after = Job(key="s/after", label="after", argv=[sys.executable, "-c", "pass"], out_dir=str(tmp_path / "after"),
+                epochs=1, deps=("s/bad",))
+    with pytest.raises(JobFailed, match=r"s/bad \(bad\) failed with exit code 3(.|\n)*boom"):
+        run_jobs([slow, bad, after], dict(os.environ), max_parallel=2)
+    assert not (tmp_path / "after").exists()  # never started
+    with pytest.raises(ValueError, match="s/after -> s/missing"):
+        run_jobs([Job(key="s/after", label="x", argv=["true"], out_dir=str(tmp_path), epochs=1,
+                      deps=("s/missing",))], dict(os.environ), max_parallel=1)
+
+
+def test_goal_and_summary_mark_a_baseline_still_improving():
+    from lavis_vpgtrans.demo.cli import goal, summary_markdown
+
+    def table(speedup, e_base, e_run):
+        cell = {"metric": "CIDEr", "p": 1.0, "e_baseline": e_base, "e_run": e_run, "run_best": 1.2,
+                "speedup": speedup}
+        return [{"title": "Table 3", "baseline": "TFS", "benchmarks": ["toy_caption"],
+                 "rows": [{"run": "VPGTrans", "cells": {"toy_caption": cell}}], "missing": []}]
+
+    results = {0: {"opt-large": {"tables": table(2.5, 5, 2)}, "best": {}, "converters": {}},
+               1: {"opt-large": {"tables": table(None, 10, None)}, "best": {}, "converters": {}}}
+    outcome = goal(results, epochs=10)
+    assert outcome["speedup_per_seed"] == {"0": 2.5, "1": None}
+    assert outcome["tfs_best_at_last_epoch"] == {"0": False, "1": True}
+    assert outcome["met"] is False
+    assert goal({0: results[0]}, epochs=10)["met"] is True
+    text = summary_markdown(results, cross_family=False, epochs=10)
+    assert "| VPGTrans | 2.5 | n/a | -* | n/a |" in text

@@ -46,9 +46,12 @@ def log_tail(path: str, lines: int = 25) -> str:
 def run_jobs(jobs: List[Job], env: Dict[str, str], max_parallel: int, bar=None,
              on_done: Optional[Callable[[Job, float], None]] = None) -> Dict[str, float]:
     """Runs `jobs` (dependencies first, at most `max_parallel` at once); returns each job's
-    wall time. Dependencies outside `jobs` must already be done. On the first failure the
-    other running jobs are stopped and JobFailed is raised."""
+    wall time. Every dependency must be one of `jobs`. On the first failure the other running
+    jobs are stopped and JobFailed is raised."""
     keys = {job.key for job in jobs}
+    unknown = sorted({f"{job.key} -> {dep}" for job in jobs for dep in job.deps if dep not in keys})
+    if unknown:
+        raise ValueError(f"jobs depend on jobs that are not in the list: {', '.join(unknown)}")
     pending = list(jobs)
     running: Dict[str, tuple] = {}  # key -> (job, process, log file, start time)
     finished: Dict[str, float] = {}
@@ -59,7 +62,7 @@ def run_jobs(jobs: List[Job], env: Dict[str, str], max_parallel: int, bar=None,
             for job in list(pending):
                 if len(running) >= max_parallel:
                     break
-                if all(dep in finished or dep not in keys for dep in job.deps):
+                if all(dep in finished for dep in job.deps):
                     pending.remove(job)
                     os.makedirs(job.out_dir, exist_ok=True)
                     log = open(job.log, "w")

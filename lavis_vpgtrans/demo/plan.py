@@ -78,7 +78,8 @@ def converter_job(key: str, label: str, zoo_dir: str, src: str, tgt: str, tgt_ar
                   out_dir: str, seed: int, deps: Sequence[str]) -> Job:
     """`python -m lavis_vpgtrans.transfer.converter`: the word-embedding converter from the
     source LLM to the target, merged with the source projector."""
-    out = os.path.join(out_dir, f"{src}_to_{tgt}.pth")
+    out_dir = os.path.join(out_dir, f"{src}_to_{tgt}")  # its own directory: its own stdout.log
+    out = os.path.join(out_dir, "projector.pth")
     argv = [sys.executable, "-m", "lavis_vpgtrans.transfer.converter",
             "--src", os.path.join(zoo_dir, src), "--tgt", os.path.join(zoo_dir, tgt),
             "--projector", projector, "--src-arch", "blip2_opt_transfer", "--tgt-arch", tgt_arch,
@@ -94,10 +95,19 @@ def stage1_job(world_dir: str, epochs: int, seed: int = 0) -> Job:
 
 
 def stage1_stamp(zoo_stamp: str, epochs: int) -> str:
-    """What the cached stage-1 Q-Former depends on: the zoo, its config, the epochs."""
-    with open(os.path.join(CONFIG_DIR, STAGE1.config), "rb") as f:
-        config = hashlib.sha256(f.read()).hexdigest()[:16]
-    return f"zoo={zoo_stamp} config={config} epochs={epochs}"
+    """What the cached stage-1 Q-Former depends on: the zoo (its stamp names the profile and a
+    digest of its settings), the run config and the model config it reads, the epochs."""
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    config_path = os.path.join(CONFIG_DIR, STAGE1.config)
+    model_cfg = OmegaConf.load(config_path).model
+    model_yaml = registry.get_model_class(model_cfg.arch).default_config_path(model_cfg.model_type)
+    digest = hashlib.sha256()
+    for path in (config_path, model_yaml):
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return f"zoo={zoo_stamp} configs={digest.hexdigest()[:16]} epochs={epochs}"
 
 
 @dataclass

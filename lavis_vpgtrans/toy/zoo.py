@@ -29,6 +29,7 @@ Two profiles of the same world (PROFILES):
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -95,8 +96,12 @@ def default_zoo_dir(profile: str = DEFAULT_PROFILE) -> str:
 
 
 def _stamp(profile: str) -> str:
-    # the test profile keeps the plain version stamp, so existing test zoos stay valid
-    return ZOO_VERSION if profile == DEFAULT_PROFILE else f"{ZOO_VERSION} {profile}"
+    # the test profile keeps the plain version stamp, so existing test zoos stay valid; the
+    # others carry a digest of their settings, so editing a profile rebuilds its zoos
+    if profile == DEFAULT_PROFILE:
+        return ZOO_VERSION
+    digest = hashlib.sha256(repr(PROFILES[profile]).encode()).hexdigest()[:12]
+    return f"{ZOO_VERSION} {profile} {digest}"
 
 
 def zoo_profile(root: str) -> Optional[str]:
@@ -149,6 +154,10 @@ def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
 
     if ready():
         return root
+    if os.path.isdir(root) and os.listdir(root) and not os.path.isfile(os.path.join(root, STAMP_NAME)):
+        # only an outdated zoo is replaced, never a directory that is not a zoo
+        raise ValueError(f"{root} is not empty and holds no toy zoo ({STAMP_NAME} missing): choose an empty "
+                         f"or new directory for the zoo")
     os.makedirs(os.path.dirname(root), exist_ok=True)
     with FileLock(root + ".lock"):
         if ready():

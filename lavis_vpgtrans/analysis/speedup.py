@@ -67,6 +67,13 @@ class Run:
     name: str
     path: str  # the metrics.jsonl file
     series: Dict[str, Dict[int, Record]] = field(default_factory=dict)
+    records: List[Record] = field(default_factory=list)  # every record, in file order
+
+    def epoch_scores(self, benchmark: str, metric: str) -> Dict[int, float]:
+        """{runner epoch: score} of one benchmark: each stage-1 epoch on its own, unlike
+        scores(); the later line wins for an epoch logged twice."""
+        scores = {r.epoch: r.metrics[metric] for r in self.records if r.benchmark == benchmark}
+        return dict(sorted(scores.items()))
 
     @property
     def benchmarks(self) -> List[str]:
@@ -193,7 +200,8 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         # The same epoch logged twice (a resumed run): the later line wins.
         if held is None or record.epoch >= held.epoch:
             by_epoch[record.paper_epoch] = record
-    return Run(name=name or os.path.basename(os.path.normpath(path)), path=metrics_file, series=series)
+    return Run(name=name or os.path.basename(os.path.normpath(path)), path=metrics_file, series=series,
+               records=records)
 
 
 # ---------------------------------------------------------------------------- speed-up
@@ -353,7 +361,6 @@ def plot_convergence(runs: Sequence[Run], metrics: Optional[Mapping[str, str]] =
 
     matplotlib.use("Agg")  # files only: no display here
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     metrics = metrics or {}
     benchmarks = order_benchmarks(b for run in runs for b in run.benchmarks)
@@ -362,29 +369,36 @@ def plot_convergence(runs: Sequence[Run], metrics: Optional[Mapping[str, str]] =
     ncols = min(len(benchmarks), 3)
     nrows = math.ceil(len(benchmarks) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols, 3.6 * nrows), squeeze=False)
-    colours = {run.name: f"C{i}" for i, run in enumerate(runs)}
-    markers = "osD^v<>ph*"
     flat = [ax for row in axes for ax in row]
     for ax, bench in zip(flat, benchmarks):
-        metric = metric_of(bench, metrics)
-        for i, run in enumerate(runs):
-            if bench not in run.series:
-                continue
-            scores = run.scores(bench, metric)
-            ax.plot(list(scores), list(scores.values()), marker=markers[i % len(markers)],
-                    color=colours[run.name], label=run.name)
-        ax.set_title(bench)
-        ax.set_xlabel("epoch (stage 1 = epoch 1)")
-        ax.set_ylabel(metric)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        plot_panel(ax, runs, bench, metric_of(bench, metrics), title=bench)
     for ax in flat[len(benchmarks):]:
         fig.delaxes(ax)
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+def plot_panel(ax, runs: Sequence[Run], benchmark: str, metric: str, title: str, ylabel: Optional[str] = None,
+               legend_size: str = "small") -> None:
+    """One convergence panel: `metric` on `benchmark` per paper epoch, one line per run that
+    evaluated it; colours and markers follow the run order."""
+    from matplotlib.ticker import MaxNLocator
+
+    markers = "osD^v<>ph*"
+    for i, run in enumerate(runs):
+        if benchmark not in run.series:
+            continue
+        scores = run.scores(benchmark, metric)
+        ax.plot(list(scores), list(scores.values()), marker=markers[i % len(markers)], color=f"C{i}",
+                label=run.name)
+    ax.set_title(title)
+    ax.set_xlabel("epoch (stage 1 = epoch 1)")
+    ax.set_ylabel(ylabel or metric)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
 
 
 # ---------------------------------------------------------------------------- CLI

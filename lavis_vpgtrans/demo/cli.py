@@ -10,7 +10,8 @@ import sys
 import time
 from typing import Dict, List, Mapping, Optional, Sequence
 
-from lavis_vpgtrans.analysis.speedup import LogError
+from lavis_vpgtrans.analysis.speedup import LogError, load_run, plot_panel, run_analysis
+from lavis_vpgtrans.analysis.speedup import Run as SpeedupRun
 from lavis_vpgtrans.demo import plan as P
 from lavis_vpgtrans.demo.jobs import JobFailed, run_jobs
 
@@ -150,24 +151,6 @@ def run_with_bar(jobs: List[P.Job], env, max_parallel: int, desc: str, on_done=N
         return run_jobs(jobs, env, max_parallel, bar=bar, on_done=on_done)
 
 
-def read_metrics(job_dir: str) -> List[dict]:
-    path = os.path.join(job_dir, "metrics.jsonl")
-    records = []
-    with open(path) as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise LogError(f"{path}:{number}: not a JSON record ({err})") from err
-    return records
-
-
-def series(records: Sequence[dict], benchmark: str, metric: str) -> Dict[int, float]:
-    """{runner epoch: score}."""
-    return {r["epoch"]: r["metrics"][metric] for r in records if r["benchmark"] == benchmark}
-
-
 def converter_quality(path: str) -> dict:
     from lavis_vpgtrans.common.checkpoint import load_checkpoint_file
 
@@ -192,10 +175,10 @@ def job_summary(job: P.Job, wall: float) -> str:
                 f"({wall:.0f} s)")
     if not job.validates:
         return f"[{seed}] {job.label}: {job.epochs} epochs ({wall:.0f} s)"
-    records = read_metrics(job.job_dir)
+    run = load_run(job.job_dir, job.label)
     parts = []
     for bench, metric in P.METRICS.items():
-        scores = series(records, bench, metric)
+        scores = run.epoch_scores(bench, metric)
         if scores:
             best_epoch = max(scores, key=lambda e: (scores[e], -e))
             parts.append(f"{bench} best {scores[best_epoch]:.3f} (epoch {best_epoch + 1}), last {scores[max(scores)]:.3f}")
@@ -204,40 +187,34 @@ def job_summary(job: P.Job, wall: float) -> str:
 
 # --------------------------------------------------------------------------- analysis
 
-def analyse_seed(seed_plan: P.SeedPlan, cross_family: bool) -> dict:
+def load_runs(seed_plan: P.SeedPlan) -> Dict[str, SpeedupRun]:
+    """The validated metrics of every run of one seed that validates, by run name."""
+    return {job.run.name: load_run(job.job_dir, job.run.label)
+            for job in seed_plan.jobs.values() if job.run is not None and job.validates}
+
+
+def analyse_seed(seed_plan: P.SeedPlan, runs: Mapping[str, SpeedupRun], cross_family: bool) -> dict:
     """Table 3 / Table 5 / warm-up table of one seed, written under <seed dir>/analysis/."""
-    from lavis_vpgtrans.analysis.speedup import load_run, run_analysis
-
-    jobs = seed_plan.jobs()
     root = seed_plan.root
-
-    def run_of(spec: P.Run):
-        return load_run(os.path.join(root, spec.name, P.JOB_ID), spec.label)
-
-    opt_tables, opt_md = run_analysis(run_of(P.TFS), run_of(P.VPGTRANS), run_of(P.INHERIT), [run_of(P.NO_CONVERTER)],
-                                      P.METRICS, os.path.join(root, "analysis", "opt-large"))
+    opt_tables, opt_md = run_analysis(runs[P.TFS.name], runs[P.VPGTRANS.name], runs[P.INHERIT.name],
+                                      [runs[P.NO_CONVERTER.name]], P.METRICS, os.path.join(root, "analysis", "opt-large"))
     result = {"opt-large": {"tables": [t.to_json() for t in opt_tables], "markdown": opt_md}}
     if cross_family:
-        tables, md = run_analysis(run_of(P.CROSS_TFS), run_of(P.CROSS_VPGTRANS), None, [], P.METRICS,
+        tables, md = run_analysis(runs[P.CROSS_TFS.name], runs[P.CROSS_VPGTRANS.name], None, [], P.METRICS,
                                   os.path.join(root, "analysis", "llama"))
         result["llama"] = {"tables": [t.to_json() for t in tables], "markdown": md}
     result["converters"] = {job.extra["tgt"]: converter_quality(job.product)
-                            for job in jobs.values() if job.run is None}
+                            for job in seed_plan.jobs.values() if job.run is None}
     warmup = {}
     for spec in (P.WARMUP_CONVERTER, P.WARMUP_RANDOM):
-        key = f"seed{seed_plan.seed}/{spec.name}"
-        if key in jobs:
-            scores = series(read_metrics(jobs[key].job_dir), P.CAPTION, P.METRICS[P.CAPTION])
-            warmup[spec.label] = {str(epoch + 1): score for epoch, score in sorted(scores.items())}
+        if spec.name in runs:  # every epoch is stage 1: runner epochs, not paper epochs
+            scores = runs[spec.name].epoch_scores(P.CAPTION, P.METRICS[P.CAPTION])
+            warmup[spec.label] = {str(epoch + 1): score for epoch, score in scores.items()}
     if warmup:
         result["warmup"] = warmup
-    best = {}
-    for job in jobs.values():
-        if job.run is not None and job.validates:
-            records = read_metrics(job.job_dir)
-            best[job.run.label] = {bench: max(series(records, bench, metric).values())
-                                   for bench, metric in P.METRICS.items() if series(records, bench, metric)}
-    result["best"] = best
+    result["best"] = {run.name: {bench: max(run.epoch_scores(bench, metric).values())
+                                 for bench, metric in P.METRICS.items() if run.epoch_scores(bench, metric)}
+                      for run in runs.values()}
     return result
 
 
@@ -326,36 +303,24 @@ def goal(results: Mapping[int, dict], epochs: int) -> dict:
             "speedup_per_seed": per_seed, "tfs_best_at_last_epoch": still_improving, "met": met}
 
 
-def plot(plans: Mapping[int, P.SeedPlan], cross_family: bool, path: str) -> None:
+def plot(runs_by_seed: Mapping[int, Mapping[str, SpeedupRun]], cross_family: bool, path: str) -> None:
     """Convergence curves: a row per seed; caption CIDEr and VQA accuracy of the opt-large
     runs (and of the LLaMA runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    from lavis_vpgtrans.analysis.speedup import load_run
 
     groups = [("opt-small -> opt-large", [P.TFS, P.INHERIT, P.VPGTRANS, P.NO_CONVERTER])]
     if cross_family:
         groups.append(("opt-small -> LLaMA", [P.CROSS_TFS, P.CROSS_VPGTRANS]))
-    panels = [(title, runs, bench) for title, runs in groups for bench in (P.CAPTION, P.VQA)]
-    seeds = sorted(plans)
+    panels = [(title, specs, bench) for title, specs in groups for bench in (P.CAPTION, P.VQA)]
+    seeds = sorted(runs_by_seed)
     fig, axes = plt.subplots(len(seeds), len(panels), figsize=(4.2 * len(panels), 3.4 * len(seeds)), squeeze=False)
     for row, seed in enumerate(seeds):
-        for col, (title, runs, bench) in enumerate(panels):
-            ax = axes[row][col]
-            for i, spec in enumerate(runs):
-                run = load_run(os.path.join(plans[seed].root, spec.name, P.JOB_ID), spec.label)
-                scores = run.scores(bench, P.METRICS[bench])
-                ax.plot(list(scores), list(scores.values()), marker="osD^"[i], color=f"C{i}", label=spec.label)
-            ax.set_title(f"seed {seed}: {title}", fontsize="medium")
-            ax.set_xlabel("epoch (VPGTrans warm-up = epoch 1)")
-            ax.set_ylabel(f"{bench} {P.METRICS[bench]}")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize="x-small")
+        for col, (title, specs, bench) in enumerate(panels):
+            plot_panel(axes[row][col], [runs_by_seed[seed][spec.name] for spec in specs], bench, P.METRICS[bench],
+                       title=f"seed {seed}: {title}", ylabel=f"{bench} {P.METRICS[bench]}", legend_size="x-small")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -399,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for seed_plan in plans.values():
         shutil.rmtree(seed_plan.root, ignore_errors=True)  # --overwrite: the rerun starts clean
     # all seeds in one queue, sources first: the transfers wait only for their own source
-    jobs = sorted((job for p in plans.values() for job in p.jobs().values()),
+    jobs = sorted((job for p in plans.values() for job in p.jobs.values()),
                   key=lambda job: (job.run is not P.SOURCE, job.key))
     t = time.time()
     walls = run_with_bar(jobs, env, args.jobs, f"training {len(jobs)} jobs",
@@ -407,7 +372,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timings["jobs"] = time.time() - t
     timings["job_walls"] = walls
 
-    results = {seed: analyse_seed(seed_plan, cross_family) for seed, seed_plan in plans.items()}
+    runs_by_seed = {seed: load_runs(seed_plan) for seed, seed_plan in plans.items()}
+    results = {seed: analyse_seed(plans[seed], runs, cross_family) for seed, runs in runs_by_seed.items()}
     markdown = summary_markdown(results, cross_family, args.epochs)
     outcome = goal(results, args.epochs)
     speedups = ", ".join(f"seed {s}: {'-' if v is None else f'{v:.1f}'}{'*' if outcome['tfs_best_at_last_epoch'][s] else ''}"
@@ -415,7 +381,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     goal_line = (f"Goal (VPGTrans speed-up >= {GOAL_SPEEDUP:g} on caption CIDEr for every seed): "
                  f"{'met' if outcome['met'] else 'NOT met'} ({speedups})")
     plot_path = os.path.join(out, "convergence.png")
-    plot(plans, cross_family, plot_path)
+    plot(runs_by_seed, cross_family, plot_path)
     timings["total"] = time.time() - start
     total = f"Total wall time: {timings['total'] / 60:.1f} min ({timings['total']:.0f} s)"
 

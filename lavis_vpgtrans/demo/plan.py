@@ -23,20 +23,19 @@ class Run:
     name: str  # directory name
     label: str  # row name in tables and plots
     config: str  # file in CONFIG_DIR
-    llm: str  # zoo entry of its LLM (for the summary lines)
 
 
-SOURCE = Run("source", "source (opt-small)", "source.yaml", "opt-small")
-TFS = Run("tfs", "TFS", "tfs.yaml", "opt-large")
-INHERIT = Run("vpg_inherit", "VPG inherit", "vpg_inherit.yaml", "opt-large")
-VPGTRANS = Run("vpgtrans", "VPGTrans", "vpgtrans.yaml", "opt-large")
-NO_CONVERTER = Run("vpgtrans_no_converter", "VPGTrans w/o converter init", "vpgtrans_no_converter.yaml", "opt-large")
-CROSS_TFS = Run("cross_tfs", "TFS (LLaMA)", "cross_tfs.yaml", "llama")
-CROSS_VPGTRANS = Run("cross_vpgtrans", "VPGTrans opt-small->LLaMA", "cross_vpgtrans.yaml", "llama")
-STAGE1 = Run("qformer_stage1", "BLIP-2 stage-1 Q-Former", "qformer_stage1.yaml", "-")
+SOURCE = Run("source", "source (opt-small)", "source.yaml")
+TFS = Run("tfs", "TFS", "tfs.yaml")
+INHERIT = Run("vpg_inherit", "VPG inherit", "vpg_inherit.yaml")
+VPGTRANS = Run("vpgtrans", "VPGTrans", "vpgtrans.yaml")
+NO_CONVERTER = Run("vpgtrans_no_converter", "VPGTrans w/o converter init", "vpgtrans_no_converter.yaml")
+CROSS_TFS = Run("cross_tfs", "TFS (LLaMA)", "cross_tfs.yaml")
+CROSS_VPGTRANS = Run("cross_vpgtrans", "VPGTrans opt-small->LLaMA", "cross_vpgtrans.yaml")
+STAGE1 = Run("qformer_stage1", "BLIP-2 stage-1 Q-Former", "qformer_stage1.yaml")
 # the warm-up table (paper Table 2): projector-only epochs from the two initialisations
-WARMUP_CONVERTER = Run("warmup_converter", "converter init", "warmup.yaml", "opt-large")
-WARMUP_RANDOM = Run("warmup_random", "random init", "warmup_no_converter.yaml", "opt-large")
+WARMUP_CONVERTER = Run("warmup_converter", "converter init", "warmup.yaml")
+WARMUP_RANDOM = Run("warmup_random", "random init", "warmup_no_converter.yaml")
 
 
 @dataclass
@@ -114,17 +113,14 @@ def stage1_stamp(zoo_stamp: str, epochs: int) -> str:
 class SeedPlan:
     seed: int
     root: str
-    phases: List[Tuple[str, List[Job]]]  # (title, jobs) in order
-
-    def jobs(self) -> Dict[str, Job]:
-        return {job.key: job for _, jobs in self.phases for job in jobs}
+    jobs: Dict[str, Job]  # by key, in dependency order
 
 
 def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epochs: int, source_epochs: int,
               cross_family: bool = True, warmup_epochs: int = 0) -> SeedPlan:
-    """The runs of one seed, in three phases: source and train-from-scratch baselines (they
-    need only the stage-1 Q-Former), the converters (they need the source projector), then
-    the transfers, and with `warmup_epochs` > 0 the warm-up table's projector-only runs."""
+    """The runs of one seed: source and train-from-scratch baselines (they need only the
+    stage-1 Q-Former), the converters (they need the source projector), then the transfers,
+    and with `warmup_epochs` > 0 the warm-up table's projector-only runs."""
     root = os.path.join(out_dir, f"seed{seed}")
     key = lambda name: f"seed{seed}/{name}"  # noqa: E731
     run_dir = lambda run: os.path.join(root, run.name)  # noqa: E731
@@ -167,8 +163,4 @@ def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epo
                   deps=[source.key, to_large.key]),
             train(WARMUP_RANDOM, warmup_epochs, inherit_vpg + only_stage1, deps=[source.key]),
         ]
-    return SeedPlan(seed=seed, root=root, phases=[
-        ("source model and train-from-scratch baselines", first),
-        ("word-embedding converters", converters),
-        ("transfers", transfers),
-    ])
+    return SeedPlan(seed=seed, root=root, jobs={job.key: job for job in first + converters + transfers})

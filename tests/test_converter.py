@@ -457,6 +457,68 @@ def test_projector_is_chosen_by_name(tmp_path, small_pair):
         convert(ConverterConfig(src=src, tgt=tgt, projector=proj, src_projector_key="my_proj", tgt_arch="blip2_nope"))
 
 
+@pytest.mark.parametrize("model_type,arch", [("opt", "blip2_opt_transfer"), ("t5", "blip2_t5_transfer"),
+                                             ("llama", "blip2_llama"), ("qwen2", "blip2_causal_lm"),
+                                             ("mistral", "blip2_causal_lm"), ("gemma", "blip2_causal_lm")])
+def test_target_class_is_chosen_by_model_type(tmp_path, model_type, arch):
+    from transformers import AutoConfig
+
+    from lavis_vpgtrans.transfer.converter import target_arch_for
+
+    AutoConfig.for_model(model_type).save_pretrained(tmp_path / model_type)  # config.json alone is read
+    assert target_arch_for(str(tmp_path / model_type)) == arch
+
+
+@pytest.mark.parametrize("model_type,error", [
+    ("bart", "an encoder-decoder LLM"),  # transformers omits is_encoder_decoder here: its class default
+    ("whisper", "an encoder-decoder LLM"),
+    ("vit", "not a causal LM"),
+    ("no_such_type", "not a model type this transformers knows")])
+def test_target_class_errors_name_the_model_type(tmp_path, model_type, error):
+    import json
+
+    from transformers import AutoConfig
+
+    from lavis_vpgtrans.transfer.converter import target_arch_for
+
+    path = tmp_path / model_type
+    if model_type == "no_such_type":
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    else:
+        AutoConfig.for_model(model_type).save_pretrained(path)
+    with pytest.raises(TransferError, match=error) as e:
+        target_arch_for(str(path))
+    assert f"model_type={model_type!r}" in str(e.value) and str(path) in str(e.value)
+    assert "--tgt-arch" in str(e.value)
+
+
+def test_omitted_target_arch_follows_the_target_config(tmp_path, small_pair, caplog):
+    import json
+
+    src, tgt = small_pair
+    write_projector(tmp_path / "proj.pth", "opt_proj", 16)
+    with caplog.at_level("INFO", logger="lavis_vpgtrans.transfer.converter"):
+        ck = convert(ConverterConfig(src=src, tgt=tgt, projector=str(tmp_path / "proj.pth"), epochs=0))
+    assert set(ck["model"]) == {"llama_proj.weight", "llama_proj.bias"}  # tgt is a LlamaForCausalLM
+    meta = ck["metadata"]
+    assert meta["target_arch"] == "blip2_llama" and meta["target_arch_detected"]
+    assert any("llama_proj of blip2_llama" in r.getMessage() and tgt in r.getMessage() for r in caplog.records)
+    # the same directory as another decoder-only family: the generic class
+    with open(os.path.join(tgt, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(tgt, "config.json"), "w") as f:
+        json.dump({**config, "model_type": "mistral", "architectures": ["MistralForCausalLM"]}, f)
+    ck = convert(ConverterConfig(src=src, tgt=tgt, projector=str(tmp_path / "proj.pth"), epochs=0))
+    assert set(ck["model"]) == {"llm_proj.weight", "llm_proj.bias"}
+    assert ck["metadata"]["target_arch"] == "blip2_causal_lm"
+    # an explicit --tgt-arch wins and is recorded as given
+    ck = convert(ConverterConfig(src=src, tgt=tgt, projector=str(tmp_path / "proj.pth"), tgt_arch="blip2_vicuna",
+                                 epochs=0))
+    assert set(ck["model"]) == {"llama_proj.weight", "llama_proj.bias"}
+    assert not ck["metadata"]["target_arch_detected"]
+
+
 def test_cli_reports_bad_input_without_traceback(tmp_path, small_pair, capsys):
     src, tgt = small_pair
     write_projector(tmp_path / "proj.pth", "opt_proj", 20)
@@ -468,6 +530,14 @@ def test_cli_reports_bad_input_without_traceback(tmp_path, small_pair, capsys):
     code = main(["--src", str(tmp_path / "absent"), "--tgt", tgt, "--projector", str(tmp_path / "proj.pth"),
                  "--out", str(tmp_path / "o.pth"), "--tgt-arch", "blip2_llama"])
     assert code == 2 and str(tmp_path / "absent") in capsys.readouterr().err
+    from transformers import AutoConfig
+
+    AutoConfig.for_model("bart").save_pretrained(tmp_path / "bart")
+    write_projector(tmp_path / "proj.pth", "opt_proj", 16)
+    code = main(["--src", src, "--tgt", str(tmp_path / "bart"), "--projector", str(tmp_path / "proj.pth"),
+                 "--out", str(tmp_path / "o.pth")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: " in err and "encoder-decoder" in err and "Traceback" not in err
 
 
 # --------------------------------------------------------------------------- the models read the output

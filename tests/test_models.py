@@ -12,6 +12,7 @@ TINY_TYPES = {
     "blip2_llama": ["tiny_llama"],
     "blip2_vicuna": ["tiny_vicuna"],
     "blip2_vicuna_vpgtrans": ["tiny_vicuna"],
+    "blip2_causal_lm": ["tiny_causal_lm"],
 }
 FAMILIES = {"opt": ("blip2_opt_transfer", "tiny_opt_small", "opt_proj"),
             "llama": ("blip2_llama", "tiny_llama", "llama_proj"),
@@ -43,6 +44,35 @@ def test_every_registered_name_has_a_tiny_type(plugin):
 
     vl_llms = {n for n in registry.list_models() if issubclass(registry.get_model_class(n), Blip2VLLLM)}
     assert vl_llms == set(TINY_TYPES)
+
+
+# The generic class's model types for current open LLMs: hub id and the dtype it ships in.
+CAUSAL_LM_TYPES = {"llama3_8b": ("meta-llama/Meta-Llama-3-8B", "bf16"),
+                   "qwen2.5_7b": ("Qwen/Qwen2.5-7B", "bf16"),
+                   "mistral_7b": ("mistralai/Mistral-7B-v0.1", "bf16")}
+
+
+def test_generic_causal_lm_model_types(plugin):
+    import os
+
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    cls = registry.get_model_class("blip2_causal_lm")
+    assert cls.projector_name == "llm_proj" and cls.default_end_sym == "\n"
+    assert set(CAUSAL_LM_TYPES) < set(cls.PRETRAINED_MODEL_CONFIG_DICT)
+    assert not any(os.path.isabs(p) for p in cls.PRETRAINED_MODEL_CONFIG_DICT.values())
+    released_opt67 = OmegaConf.load(registry.get_model_class("blip2_opt_transfer").default_config_path(
+        "pretrain_opt6.7b")).model.vpg_checkpoint
+    for model_type, (hub_id, precision) in CAUSAL_LM_TYPES.items():
+        cfg = OmegaConf.load(cls.default_config_path(model_type)).model
+        assert (cfg.arch, cfg.model_type, cfg.llm_model, cfg.llm_precision) == (
+            "blip2_causal_lm", model_type, hub_id, precision)
+        # the VPG of the released BLIP-2 OPT-6.7B; the projector comes from the converter
+        assert cfg.vpg_checkpoint == released_opt67 and cfg.projector_checkpoint is None
+    # LLaMA-1 / Vicuna keep their own classes and names
+    assert "llama7b" not in cls.PRETRAINED_MODEL_CONFIG_DICT
+    assert registry.get_model_class("blip2_llama").projector_name == "llama_proj"
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

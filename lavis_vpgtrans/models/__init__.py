@@ -1,7 +1,7 @@
 """Model classes registered with LAVIS."""
 
-from lavis_vpgtrans.models.blip2_transfer import Blip2LLaMA, Blip2OPTTransfer, Blip2T5Transfer
+from lavis_vpgtrans.models.blip2_transfer import Blip2CausalLM, Blip2LLaMA, Blip2OPTTransfer, Blip2T5Transfer
 from lavis_vpgtrans.models.blip2_vicuna import Blip2Vicuna
 from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
 
-__all__ = ["Blip2VLLLM", "Blip2OPTTransfer", "Blip2T5Transfer", "Blip2LLaMA", "Blip2Vicuna"]
+__all__ = ["Blip2VLLLM", "Blip2OPTTransfer", "Blip2T5Transfer", "Blip2LLaMA", "Blip2Vicuna", "Blip2CausalLM"]

@@ -63,3 +63,28 @@ class Blip2LLaMA(Blip2VLLLM):
         "vl_llama7b": "models/configs/llama/vl_llama7b.yaml",
         "tiny_llama": "models/configs/llama/tiny_llama.yaml",
     }
+
+
+@registry.register_model("blip2_causal_lm")
+class Blip2CausalLM(Blip2VLLLM):
+    """BLIP-2 with any decoder-only Hugging Face causal LM (Llama-3, Qwen2.5, Mistral, ...) as
+    the target of a VPG transfer; LLaMA-1 / Vicuna keep their own classes (their released
+    checkpoints name the projector llama_proj).
+
+    The default yamls inherit the released BLIP-2 OPT-6.7B VPG (the paper's source for
+    VL-LLaMA); the projector comes from the converter:
+
+        python -m lavis_vpgtrans.transfer.converter --src facebook/opt-6.7b --tgt Qwen/Qwen2.5-7B \
+            --projector blip2_pretrained_opt6.7b.pth --out qwen_proj_init.pth
+    """
+
+    projector_name = "llm_proj"
+    # LAVIS's BLIP-2 OPT and the VPGTrans LLaMA models end every caption with a newline; the
+    # generic class keeps that convention (base models have no chat end token to prefer).
+    default_end_sym = "\n"
+    PRETRAINED_MODEL_CONFIG_DICT = {
+        "llama3_8b": "models/configs/causal_lm/llama3_8b.yaml",
+        "qwen2.5_7b": "models/configs/causal_lm/qwen2.5_7b.yaml",
+        "mistral_7b": "models/configs/causal_lm/mistral_7b.yaml",
+        "tiny_causal_lm": "models/configs/causal_lm/tiny_causal_lm.yaml",
+    }

@@ -4,6 +4,10 @@ linear word-embedding converter g_c(e) = W_c e + b_c from LLM_src's input embedd
     python -m lavis_vpgtrans.transfer.converter --src facebook/opt-2.7b --tgt facebook/opt-6.7b \\
         --projector blip2_opt2.7b.pth --src-arch blip2_opt --tgt-arch blip2_opt --out init.pth
 
+Without --tgt-arch (and --tgt-projector-key) the target's class is chosen by the model_type in
+its config.json: opt, t5 and llama keep their classes, any other decoder-only LM (Qwen2,
+Mistral, Gemma, ...) gets the generic blip2_causal_lm.
+
 1. Read only the two input-embedding matrices (embeddings.py) and pair the tokens the two
    vocabularies share (pairing.py); a seeded fraction of the text pairs is held out.
 2. Fit g_c: closed-form (ridge-regularised) weighted least squares with bias, then, for the
@@ -30,7 +34,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from lavis_vpgtrans.transfer.embeddings import TransferError, embedding_shape, load_input_embeddings
+from lavis_vpgtrans.transfer.embeddings import (TransferError, embedding_shape, load_input_embeddings,
+                                                read_model_config)
 from lavis_vpgtrans.transfer.pairing import frequency_weights, load_tokenizer, pair_tokens, read_captions, token_counts
 
 logger = logging.getLogger(__name__)
@@ -278,6 +283,43 @@ def projector_name_for_arch(arch: str) -> str:
             raise TransferError(str(e.args[0] if e.args else e)) from e
 
 
+# The target class by config.json's model_type when --tgt-arch is omitted: families with a
+# class of their own keep it (their released checkpoints name the projector after it); any
+# other decoder-only causal LM gets the generic class.
+ARCH_BY_MODEL_TYPE = {"opt": "blip2_opt_transfer", "t5": "blip2_t5_transfer", "llama": "blip2_llama"}
+GENERIC_CAUSAL_LM_ARCH = "blip2_causal_lm"
+
+
+def target_arch_for(name_or_path: str) -> str:
+    """The registered model class for a target LLM, from the model_type in its config.json."""
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    config = read_model_config(name_or_path)
+    model_type = config.get("model_type")
+    where = f"config.json of {name_or_path!r} (model_type={model_type!r})"
+    if model_type in ARCH_BY_MODEL_TYPE:
+        return ARCH_BY_MODEL_TYPE[model_type]
+    if model_type not in CONFIG_MAPPING:
+        raise TransferError(f"{where}: not a model type this transformers knows; name the target projector "
+                            f"with --tgt-arch or --tgt-projector-key")
+    encoder_decoder = config.get("is_encoder_decoder")
+    if encoder_decoder is None:  # not written when it equals the config class's default
+        try:
+            encoder_decoder = CONFIG_MAPPING[model_type]().is_encoder_decoder
+        except Exception as e:  # composite configs cannot be built without their parts
+            raise TransferError(f"{where}: cannot tell whether it is an encoder-decoder ({e}); name the "
+                                f"target projector with --tgt-arch or --tgt-projector-key") from e
+    if encoder_decoder:
+        raise TransferError(f"{where}: an encoder-decoder LLM; the only encoder-decoder family with a class is "
+                            f"t5 (blip2_t5_transfer). Name the target projector with --tgt-arch or "
+                            f"--tgt-projector-key")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TransferError(f"{where}: not a causal LM (transformers has no AutoModelForCausalLM class for it); "
+                            f"name the target projector with --tgt-arch or --tgt-projector-key")
+    return GENERIC_CAUSAL_LM_ARCH
+
+
 def detect_projector_name(state: Dict[str, torch.Tensor], source: str) -> str:
     """The single known projector name (of any registered BLIP-2-style model) present in `state`."""
     import lavis_vpgtrans  # noqa: F401  registers the plugin's model classes
@@ -329,8 +371,6 @@ class ConverterConfig:
             raise TransferError(f"held-out fraction must be in [0, 1), got {self.held_out}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr <= 0 or self.ridge < 0 or self.nn_sample < 0:
             raise TransferError("epochs must be >= 0, batch size >= 1, lr > 0, ridge >= 0 and nn-sample >= 0")
-        if not (self.tgt_arch or self.tgt_projector_key):
-            raise TransferError("name the target projector: --tgt-arch (e.g. blip2_llama) or --tgt-projector-key")
 
 
 def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Tensor]:
@@ -360,7 +400,12 @@ def convert(cfg: ConverterConfig) -> Dict:
         timings[what] = round(now - clock, 3)
         clock = now
 
-    tgt_name = cfg.tgt_projector_key or projector_name_for_arch(cfg.tgt_arch)
+    tgt_arch = cfg.tgt_arch
+    if not (tgt_arch or cfg.tgt_projector_key):
+        tgt_arch = target_arch_for(cfg.tgt)
+        logger.info("target projector: %s of %s, chosen by the model_type in the config.json of %s (override with "
+                    "--tgt-arch)", projector_name_for_arch(tgt_arch), tgt_arch, cfg.tgt)
+    tgt_name = cfg.tgt_projector_key or projector_name_for_arch(tgt_arch)
     src_name, ws, bs = _source_projector(cfg)
     src_rows, src_hidden = embedding_shape(cfg.src, cfg.src_embedding_key)
     tgt_rows, tgt_hidden = embedding_shape(cfg.tgt, cfg.tgt_embedding_key)
@@ -416,7 +461,8 @@ def convert(cfg: ConverterConfig) -> Dict:
         "source_embedding_key": src.key, "target_embedding_key": tgt.key,
         "source_hidden": src_hidden, "target_hidden": tgt_hidden, "projector_in": int(ws.shape[1]),
         "source_projector": cfg.projector, "source_projector_name": src_name, "target_projector_name": tgt_name,
-        "source_arch": cfg.src_arch, "target_arch": cfg.tgt_arch,
+        "source_arch": cfg.src_arch, "target_arch": tgt_arch,
+        "target_arch_detected": tgt_arch is not None and cfg.tgt_arch is None,
         "overlap": {**pairs.summary(), "fit": int(fit_idx.numel()), "held_out": int(held_idx.numel())},
         "quality": quality,
         "loss": cfg.loss, "epochs": cfg.epochs, "fit": fit.summary(),
@@ -447,7 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = p.add_argument_group("projector names (by the model class's projector name)")
     names.add_argument("--src-arch", help="source model architecture (e.g. blip2_opt); default: the single "
                                           "known projector present in --projector")
-    names.add_argument("--tgt-arch", help="target model architecture (e.g. blip2_llama)")
+    names.add_argument("--tgt-arch", help="target model architecture (e.g. blip2_llama); default: by the model_type "
+                                          "in --tgt's config.json (opt, t5, llama: their classes; any other "
+                                          "decoder-only LM: blip2_causal_lm)")
     names.add_argument("--src-projector-key", help="explicit source projector prefix (e.g. opt_proj)")
     names.add_argument("--tgt-projector-key", help="explicit target projector prefix (e.g. llama_proj)")
     names.add_argument("--src-tokenizer", help="tokenizer of the source LLM if not in --src")
@@ -492,7 +540,10 @@ def main(argv=None) -> int:
         print(f"held-out quality: mean cosine {quality['held_out_mean_cosine']:.4f}, top-1 NN accuracy "
               f"{quality['held_out_top1_nn_accuracy']:.4f} ({quality['nn_pairs']} pairs, nearest of "
               f"{quality['nn_candidates']} target tokens)")
-    print(f"{meta['target_projector_name']}: {meta['projector_in']} -> {meta['target_hidden']} written to {cfg.out}")
+    arch = f" (for {meta['target_arch']}{', by model_type' if meta['target_arch_detected'] else ''})" \
+        if meta["target_arch"] else ""
+    print(f"{meta['target_projector_name']}{arch}: {meta['projector_in']} -> {meta['target_hidden']} written to "
+          f"{cfg.out}")
     print("timings (s): " + ", ".join(f"{k} {v}" for k, v in meta["timings_s"].items()))
     return 0
 

@@ -112,8 +112,20 @@ def _where(source: str, filename: str) -> str:
 
 
 def _read_config(files: _ModelFiles) -> Dict:
-    with open(files.require("config.json")) as f:
-        return json.load(f)
+    path = files.require("config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise TransferError(f"{path}: not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise TransferError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def read_model_config(name_or_path: str, revision: Optional[str] = None) -> Dict:
+    """config.json of a local model directory or hub id (only that file is fetched)."""
+    return _read_config(_ModelFiles(name_or_path, revision))
 
 
 def _weights_layout(files: _ModelFiles) -> Tuple[str, str]:

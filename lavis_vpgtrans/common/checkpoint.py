@@ -34,7 +34,18 @@ def _local_path(url_or_path: str) -> str:
 
 
 def load_checkpoint_file(url_or_path: str) -> Dict:
-    """Returns the checkpoint as a dict with at least "model" (the state dict)."""
+    """Returns the checkpoint as a dict with at least "model" (the state dict).
+
+    A directory must be an HF-format BLIP-2 (`Blip2ForConditionalGeneration.save_pretrained`,
+    e.g. Salesforce/blip2-opt-2.7b): its VPG and projector come back in LAVIS's names, its
+    language model is not read (see models/hf_blip2.py)."""
+    if os.path.isdir(url_or_path):
+        from lavis_vpgtrans.models import hf_blip2
+
+        if not hf_blip2.is_hf_blip2_dir(url_or_path):
+            raise CheckpointError(f"{url_or_path}: a directory, but not an HF-format BLIP-2 (expected config.json "
+                                  f"with model_type {hf_blip2.HF_MODEL_TYPE!r})")
+        return hf_blip2.read_hf_blip2_dir(url_or_path)
     path = _local_path(url_or_path)
     if path.endswith(".safetensors"):
         from safetensors import safe_open

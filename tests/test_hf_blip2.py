@@ -1,0 +1,314 @@
+"""HF-format BLIP-2 in and out, checked against transformers' own Blip2ForConditionalGeneration.
+
+In: a tiny Blip2ForConditionalGeneration (toy zoo sizes, random VPG) saved with save_pretrained
+is a VPG + projector source for blip2_opt_transfer; its soft prompts equal HF's own.
+Out: `python -m lavis_vpgtrans.export` writes a trained model that plain transformers loads and
+that captions exactly as our model does.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from helpers import load_tiny
+
+N_IMAGES = 16
+
+
+def hf_soft_prompts(hf, pixel_values):
+    """transformers' own path: vision_model -> qformer(query tokens) -> language_projection."""
+    image_embeds = hf.vision_model(pixel_values=pixel_values).last_hidden_state
+    query = hf.qformer(query_embeds=hf.query_tokens.expand(pixel_values.shape[0], -1, -1),
+                       encoder_hidden_states=image_embeds, return_dict=True).last_hidden_state
+    return hf.language_projection(query)
+
+
+@pytest.fixture(scope="module")
+def images(toy_zoo):
+    """Toy val images (PIL) and their pixel values from LAVIS's own eval processor."""
+    from lavis.processors.blip_processors import BlipImageEvalProcessor
+
+    with open(os.path.join(toy_zoo, "data", "annotations", "caption_val.json")) as f:
+        names = sorted({a["image"] for a in json.load(f)})[:N_IMAGES]
+    pil = [Image.open(os.path.join(toy_zoo, "data", "images", n)).convert("RGB") for n in names]
+    processor = BlipImageEvalProcessor(image_size=32)
+    return pil, torch.stack([processor(im) for im in pil]), processor
+
+
+@pytest.fixture(scope="module")
+def hf_dir(toy_zoo, tmp_path_factory):
+    """A Blip2ForConditionalGeneration with the toy zoo's sizes, random VPG and projector, the
+    toy OPT as its LLM, saved sharded (with an index json) as large checkpoints are."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, OPTForCausalLM
+
+    from lavis_vpgtrans.toy import zoo
+
+    with open(os.path.join(toy_zoo, "bert", "config.json")) as f:
+        bert = json.load(f)
+    vit = zoo.TOY_VIT
+    opt = OPTForCausalLM.from_pretrained(os.path.join(toy_zoo, "opt-small"))
+    config = Blip2Config(
+        vision_config=dict(hidden_size=vit["embed_dim"], intermediate_size=int(vit["embed_dim"] * vit["mlp_ratio"]),
+                           num_hidden_layers=vit["depth"], num_attention_heads=vit["num_heads"],
+                           image_size=vit["img_size"], patch_size=vit["patch_size"], layer_norm_eps=1e-6),
+        qformer_config=dict(hidden_size=bert["hidden_size"], num_hidden_layers=bert["num_hidden_layers"],
+                            num_attention_heads=bert["num_attention_heads"],
+                            intermediate_size=bert["intermediate_size"], vocab_size=bert["vocab_size"],
+                            max_position_embeddings=bert["max_position_embeddings"],
+                            cross_attention_frequency=2, encoder_hidden_size=vit["embed_dim"]),
+        text_config=opt.config.to_dict(), num_query_tokens=8)
+    torch.manual_seed(0)
+    hf = Blip2ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        hf.language_model.load_state_dict(opt.state_dict())
+        for name, p in hf.named_parameters():
+            if name.startswith("language_model."):
+                continue
+            if name.endswith("self_attn.qkv.bias"):  # EVA layout: q and v biases, no key bias
+                q, k, v = p.chunk(3)
+                q.normal_(std=0.1), k.zero_(), v.normal_(std=0.1)
+            else:  # off the init values (LayerNorm ones / zeros) so every tensor is tested
+                p.add_(0.05 * torch.randn_like(p))
+    out = tmp_path_factory.mktemp("hf_blip2") / "blip2"
+    hf.save_pretrained(out, max_shard_size="200KB")
+    assert os.path.isfile(out / "model.safetensors.index.json")
+    return str(out), hf
+
+
+def ours_from(path):
+    return load_tiny("blip2_opt_transfer", "tiny_opt_small", vpg_checkpoint=path, projector_checkpoint=path).eval()
+
+
+# ---------------------------------------------------------------------------- HF -> LAVIS
+
+
+def test_hf_blip2_dir_is_a_vpg_and_projector_source(plugin, hf_dir, images):
+    path, hf = hf_dir
+    model = ours_from(path)
+    _, pixel_values, _ = images
+    with torch.no_grad():
+        theirs = hf_soft_prompts(hf, pixel_values)
+        ours = model.encode_image(pixel_values)
+        # ln_vision's eps (LayerNorm default 1e-5) vs post_layernorm's (the config's 1e-6) is
+        # the only difference: measured 8e-7 here (soft prompts of max |x| ~1.3)
+        assert (ours - theirs).abs().max().item() < 1e-5
+        model.ln_vision.eps = hf.vision_model.post_layernorm.eps
+        assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-5
+        # the LLM is the model's own, never taken from the BLIP-2 directory
+        assert model.opt_proj.weight.equal(hf.language_projection.weight)
+
+
+def test_every_key_maps_between_the_two_real_models(plugin, hf_dir):
+    """The VPG + projector keys of transformers' Blip2 and of our model map onto each other,
+    both ways, with nothing left over."""
+    from lavis_vpgtrans.models.hf_blip2 import hf_to_lavis, lavis_to_hf
+    from lavis_vpgtrans.models.vl_llm import UNUSED_QFORMER_KEYS, VPG_PREFIXES
+
+    _, hf = hf_dir
+    model = load_tiny("blip2_opt_transfer", "tiny_opt_small")
+    ours = {k: v for k, v in model.state_dict().items()
+            if k.startswith(VPG_PREFIXES + ("opt_proj.",)) and not UNUSED_QFORMER_KEYS.match(k)
+            and k != "Qformer.bert.embeddings.position_ids"}
+    theirs = {k: v for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+    assert set(hf_to_lavis(theirs, "opt_proj")) == set(ours)
+    assert set(lavis_to_hf(ours, "opt_proj")) == set(theirs)
+    for key, value in lavis_to_hf(ours, "opt_proj").items():
+        assert value.shape == theirs[key].shape, key
+
+
+def test_renaming_rules(plugin, hf_dir):
+    from lavis_vpgtrans.models.hf_blip2 import hf_to_lavis, lavis_to_hf
+
+    _, hf = hf_dir
+    sd = hf.state_dict()
+    lavis = hf_to_lavis({k: v for k, v in sd.items() if not k.startswith("language_model.")}, "opt_proj")
+    qkv_bias = sd["vision_model.encoder.layers.1.self_attn.qkv.bias"]
+    q, k, v = qkv_bias.chunk(3)
+    assert k.count_nonzero() == 0 and q.count_nonzero() > 0 and v.count_nonzero() > 0
+    assert lavis["visual_encoder.blocks.1.attn.q_bias"].equal(q)
+    assert lavis["visual_encoder.blocks.1.attn.v_bias"].equal(v)
+    expected = {  # LAVIS name: transformers name
+        "ln_vision.weight": "vision_model.post_layernorm.weight",
+        "ln_vision.bias": "vision_model.post_layernorm.bias",
+        "visual_encoder.cls_token": "vision_model.embeddings.class_embedding",
+        "visual_encoder.pos_embed": "vision_model.embeddings.position_embedding",
+        "visual_encoder.patch_embed.proj.weight": "vision_model.embeddings.patch_embedding.weight",
+        "visual_encoder.blocks.1.norm1.bias": "vision_model.encoder.layers.1.layer_norm1.bias",
+        "visual_encoder.blocks.0.norm2.weight": "vision_model.encoder.layers.0.layer_norm2.weight",
+        "visual_encoder.blocks.1.attn.qkv.weight": "vision_model.encoder.layers.1.self_attn.qkv.weight",
+        "visual_encoder.blocks.0.attn.proj.bias": "vision_model.encoder.layers.0.self_attn.projection.bias",
+        "visual_encoder.blocks.1.mlp.fc2.weight": "vision_model.encoder.layers.1.mlp.fc2.weight",
+        "Qformer.bert.embeddings.LayerNorm.weight": "qformer.layernorm.weight",
+        "Qformer.bert.encoder.layer.0.attention.self.query.weight":
+            "qformer.encoder.layer.0.attention.attention.query.weight",
+        "Qformer.bert.encoder.layer.0.crossattention.self.key.bias":
+            "qformer.encoder.layer.0.crossattention.attention.key.bias",
+        "Qformer.bert.encoder.layer.1.attention.output.LayerNorm.weight":
+            "qformer.encoder.layer.1.attention.output.LayerNorm.weight",
+        "Qformer.bert.encoder.layer.1.output_query.dense.weight": "qformer.encoder.layer.1.output_query.dense.weight",
+        "query_tokens": "query_tokens",
+        "opt_proj.weight": "language_projection.weight",
+    }
+    for ours, theirs in expected.items():
+        assert lavis[ours].equal(sd[theirs]), ours
+    back = lavis_to_hf(lavis, "opt_proj")
+    assert set(back) == set(sd) - {k for k in sd if k.startswith("language_model.")}
+    assert all(back[k].equal(sd[k]) for k in back)
+
+
+def test_bad_hf_files_give_errors_naming_the_key(plugin, hf_dir, tmp_path):
+    from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file
+    from lavis_vpgtrans.models.hf_blip2 import hf_to_lavis, lavis_to_hf
+
+    path, hf = hf_dir
+    vpg = {k: v.clone() for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+    key = "vision_model.encoder.layers.0.self_attn.qkv.bias"
+    vpg[key][48 + 3] = 0.5  # one element of the key part
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + ".*non-zero key bias"):
+        hf_to_lavis(vpg, "opt_proj")
+    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.gamma_1"):
+        lavis_to_hf({"visual_encoder.blocks.0.gamma_1": torch.ones(48)}, "opt_proj")
+    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.attn\.v_bias"):
+        lavis_to_hf({"visual_encoder.blocks.0.attn.q_bias": torch.ones(48)}, "opt_proj")
+
+    # a directory whose weights lack one key
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(os.path.join(path, "config.json"), broken)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+    missing = "qformer.encoder.layer.1.output_query.dense.weight"
+    del state[missing]
+    save_file(state, str(broken / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=r"missing keys: " + missing.replace(".", r"\.")):
+        load_checkpoint_file(str(broken))
+    with pytest.raises(CheckpointError, match="not an HF-format BLIP-2"):
+        load_checkpoint_file(os.path.join(os.environ["VPGTRANS_TOY_ZOO"], "opt-small"))
+
+
+# ---------------------------------------------------------------------------- LAVIS -> HF
+
+
+@pytest.fixture(scope="module")
+def trained(plugin, images, tmp_path_factory):
+    """blip2_opt_transfer after a few optimizer steps on toy captions, and its checkpoint."""
+    from lavis_vpgtrans.toy import zoo
+
+    torch.manual_seed(0)
+    model = load_tiny("blip2_opt_transfer", "tiny_opt_small")
+    root = zoo.resolve("toy:data")
+    with open(os.path.join(root, "annotations", "caption_train.json")) as f:
+        ann = json.load(f)[:64]
+    _, _, processor = images
+    pixels = torch.stack([processor(Image.open(os.path.join(root, "images", a["image"])).convert("RGB"))
+                          for a in ann])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    model.train()
+    for step in range(8):
+        batch = slice(8 * step, 8 * step + 8)
+        loss = model({"image": pixels[batch], "text_input": [a["caption"] for a in ann[batch]]})["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    ckpt = tmp_path_factory.mktemp("trained") / "checkpoint.pth"
+    torch.save({"model": model.trainable_state_dict()}, ckpt)
+    return model, str(ckpt)
+
+
+def run_export(*args):
+    return subprocess.run([sys.executable, "-m", "lavis_vpgtrans.export", *args], capture_output=True, text=True,
+                          env=dict(os.environ), cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    """The CLI's export of the trained checkpoint, loaded with plain transformers."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    _, ckpt = trained
+    out = str(tmp_path_factory.mktemp("export") / "blip2-toy")
+    result = run_export("--model-arch", "blip2_opt_transfer", "--model-type", "tiny_opt_small",
+                        "--checkpoint", ckpt, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
+            "processor_config.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    return out, Blip2ForConditionalGeneration.from_pretrained(out).eval(), Blip2Processor.from_pretrained(out)
+
+
+def test_export_round_trip_captions(trained, exported, images):
+    model, _ = trained
+    _, hf, processor = exported
+    pil, pixel_values, _ = images
+    inputs = processor(images=pil, text=[""] * len(pil), return_tensors="pt")
+    # the exported BlipImageProcessor does what LAVIS's eval processor does
+    assert (inputs.pixel_values - pixel_values).abs().max().item() < 1e-5
+    with torch.no_grad():
+        theirs = hf_soft_prompts(hf, pixel_values)
+        # post_layernorm has the ViT blocks' eps (1e-6), ln_vision LayerNorm's 1e-5: measured
+        # 2.8e-5 (soft prompts of max |x| ~1.8); 6e-7 with ln_vision at 1e-6
+        assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-4
+        own_eps, model.ln_vision.eps = model.ln_vision.eps, hf.vision_model.post_layernorm.eps
+        try:
+            assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-5
+        finally:
+            model.ln_vision.eps = own_eps
+    end_sym = model.end_sym if getattr(model, "end_sym", None) is not None else processor.tokenizer.eos_token
+    # captions, then continuations of prompts of different lengths (left padding in a batch)
+    prompts = [["", ""], ["a photo of", "there is a", "two shapes:", "Question: what is it? Answer:"]]
+    texts = []
+    for prompt_set in prompts:
+        prompt = [prompt_set[i % len(prompt_set)] for i in range(len(pil))]
+        inputs = processor(images=pil, text=prompt, return_tensors="pt", padding=True)
+        for num_beams in (1, 5):
+            ours = model.generate({"image": pixel_values, "prompt": prompt}, num_beams=num_beams,
+                                  max_length=30, min_length=1)
+            ids = hf.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
+                              attention_mask=inputs.attention_mask, num_beams=num_beams, max_new_tokens=30)
+            # as our models do: the new text up to the end-of-text token the generation stopped at
+            new = processor.batch_decode(ids[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
+            theirs = [t.split(end_sym)[0].strip() for t in new]
+            assert theirs == ours, (prompt_set, num_beams)
+            texts += ours
+    assert all(texts[:len(pil)]) and len(set(texts)) > 2, texts
+    assert hf.config.text_config.eos_token_id == hf.generation_config.eos_token_id
+
+
+def test_exported_dir_loads_back_as_a_vpg_source(trained, exported, images):
+    """LAVIS -> HF -> LAVIS is the identity on the VPG and projector."""
+    model, _ = trained
+    out, _, _ = exported
+    back = ours_from(out)
+    mine = model.state_dict()
+    for key, value in back.state_dict().items():
+        if key.startswith(("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "opt_proj.")):
+            assert value.equal(mine[key]), key
+
+
+def test_export_refuses_an_existing_dir_and_encoder_decoders(trained, exported, images, tmp_path, capsys):
+    from lavis_vpgtrans.export import export_hf_blip2, main
+
+    model, _ = trained
+    out, _, _ = exported
+    with pytest.raises(SystemExit):  # before loading anything
+        main(["--model-arch", "blip2_opt_transfer", "--model-type", "tiny_opt_small", "--out", out])
+    assert "--overwrite" in capsys.readouterr().err
+    _, _, processor = images
+    target = tmp_path / "again"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_hf_blip2(model, processor, str(target))
+    export_hf_blip2(model, processor, str(target), overwrite=True)
+    assert not (target / "stale.txt").exists() and (target / "config.json").is_file()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
+    t5 = load_tiny("blip2_t5_transfer", "tiny_t5")
+    with pytest.raises(ValueError, match="encoder-decoder"):
+        export_hf_blip2(t5, processor, str(tmp_path / "t5"))
+    assert not (tmp_path / "t5").exists()

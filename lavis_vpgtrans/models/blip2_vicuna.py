@@ -1,12 +1,13 @@
 """VL-Vicuna: the paper's multimodal chatbot (VPG transferred to Vicuna, then instruction-tuned).
 
 Without `conv_template` the model trains and generates like Blip2LLaMA (stages 1 and 2 of the
-transfer: captions). With `conv_template: minigpt4` (stage 3 and the released VL-Vicuna) every
+transfer: captions ending in end_sym, "\n"). With `conv_template: minigpt4` (stage 3 and the released VL-Vicuna) every
 sample is a conversation rendered by lavis_vpgtrans.chat.conversation:
 
     <s>###Human: <Img>[32 soft prompts]</Img> {instruction} ###Assistant: {answer}###
 
-  - BOS once, at the very start, in training and in generation alike;
+  - BOS once, at the very start, in training and in generation alike (if the tokenizer adds
+    one: the same `bos_ids` as every other path);
   - the soft prompts are spliced in at <ImageHere>;
   - labels on the answer tokens and the closing "###" only;
   - generation gets the same token ids up to "###Assistant:", then stops as soon as the
@@ -21,11 +22,12 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 from lavis_vpgtrans.chat.conversation import (ANSWER, DEFAULT_TEMPLATE, IMAGE, ConversationError,
                                               ConversationTemplate, Turn, get_template)
 from lavis_vpgtrans.models.blip2_transfer import Blip2LLaMA
+from lavis_vpgtrans.models.vl_llm import StopOnText, pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -39,21 +41,6 @@ class ConversationTokens:
     `labels` (-100 except on answer tokens)."""
     ids: List[int]
     labels: List[int]
-
-
-class StopOnText(StoppingCriteria):
-    """Marks a row done once its generated text contains `stop`. Works on decoded text, so it
-    does not matter how the tokenizer splits "###" ("▁###", "##" + "#", three byte tokens)."""
-
-    def __init__(self, tokenizer, stop: str):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.stop = stop
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        # With inputs_embeds, input_ids holds only the generated tokens.
-        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 @registry.register_model("blip2_vicuna")
@@ -110,7 +97,7 @@ class Blip2Vicuna(Blip2LLaMA):
             raise ValueError("no conversation template: set the model's conv_template (e.g. minigpt4)")
         tok = self.llm_tokenizer
         num_query = self.query_tokens.shape[1]
-        ids = [tok.bos_token_id] if tok.bos_token_id is not None else []
+        ids = list(self.bos_ids)
         labels = [-100] * len(ids)
         for piece in template.pieces(turns):
             if piece.kind == IMAGE:
@@ -130,15 +117,8 @@ class Blip2Vicuna(Blip2LLaMA):
         """Pads the rows, embeds the tokens and splices each row's soft prompts in at its
         IMAGE_TOKEN_ID positions. Returns (inputs_embeds, attention_mask)."""
         device = image_prompts.device
-        width = max(len(r) for r in rows)
         pad = self.llm_tokenizer.pad_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(width - len(row), width) if left_pad else slice(0, len(row))
-            ids[i, span] = torch.tensor(row, dtype=torch.long)
-            mask[i, span] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = (t.to(device) for t in pad_rows(rows, pad, left=left_pad))
         is_image = ids == IMAGE_TOKEN_ID
         num_query = image_prompts.shape[1]
         if not torch.equal(is_image.sum(1), torch.full((len(rows),), num_query, device=device)):
@@ -197,12 +177,14 @@ class Blip2Vicuna(Blip2LLaMA):
 
     # ------------------------------------------------------------------ generation
 
-    def _generate(self, image, prefixes: List[str], **gen_kwargs) -> List[str]:
+    def _generate(self, image, prefixes: List[str], min_length: int = 1, **gen_kwargs) -> List[str]:
         """generate() / predict_answers(): in conversation mode each prefix (the caption prompt
-        or the formatted question) is the user's message of a one-turn conversation."""
+        or the formatted question) is the user's message of a one-turn conversation, and
+        min_length counts new tokens (the prompt is embeddings only, as in VPGTrans's VL-Vicuna)."""
         if self.conv_template is None:
-            return super()._generate(image, prefixes, **gen_kwargs)
-        return self.generate_conversations(image, [[(p, None)] for p in prefixes], **gen_kwargs)
+            return super()._generate(image, prefixes, min_length=min_length, **gen_kwargs)
+        return self.generate_conversations(image, [[(p, None)] for p in prefixes], min_new_tokens=min_length,
+                                           **gen_kwargs)
 
     @torch.no_grad()
     def generate_conversations(self, image: torch.Tensor, conversations: Sequence[Sequence[Turn]],

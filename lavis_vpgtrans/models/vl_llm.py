@@ -6,7 +6,12 @@ The VPG is ViT + ln_vision + Q-Former + query tokens. The LLM is a stock transfo
 (AutoModelForCausalLM for decoder-only, T5ForConditionalGeneration for Flan-T5) driven through
 `inputs_embeds`: the 32 projected query outputs are soft prompts in front of the text.
 
-Registered subclasses (blip2_transfer.py) only name their projector and model types.
+End of text: every decoder-only training target ends with `end_sym` ("\n" by default, as LAVIS's
+BLIP-2 OPT and the VPGTrans OPT / LLaMA / Vicuna checkpoints were trained), generation stops at
+it and the decoded text is cut there; Flan-T5 ends at its EOS. BOS is whatever the tokenizer
+itself puts in front of a text (OPT's </s>, LLaMA's <s>, nothing for Qwen2), in every path.
+
+Registered subclasses (blip2_transfer.py) only name their projector, end of text and model types.
 """
 
 import contextlib
@@ -20,7 +25,8 @@ import torch
 import torch.nn as nn
 from lavis.models.blip2_models.blip2 import Blip2Base, LayerNorm
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForConditionalGeneration
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList,
+                          T5ForConditionalGeneration)
 
 from lavis_vpgtrans.common.checkpoint import (CheckpointError, load_checkpoint_file, load_state_with_report,
                                               load_trained_checkpoint)
@@ -42,6 +48,66 @@ TRAINABLE_VPG_PREFIXES = ("ln_vision.", "Qformer.", "query_tokens")
 UNUSED_QFORMER_KEYS = re.compile(
     r"^Qformer\.(cls\.|bert\.embeddings\.(word_embeddings|position_embeddings)\.|"
     r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+# Config overrides LAVIS applies to the frozen LLM, by HF model_type (the `llm_config` key replaces
+# them): its blip2_t5 runs Flan-T5's gated feed-forward with exact GELU instead of the tanh
+# approximation (`t5_config.dense_act_fn = "gelu"`), and the released BLIP-2 / VPGTrans Flan-T5
+# VPGs were trained against that LLM.
+LAVIS_LLM_CONFIG = {"t5": {"dense_act_fn": "gelu"}}
+# `end_sym` absent from the config: the class's default_end_sym.
+CLASS_DEFAULT = object()
+
+
+def leading_special_ids(tokenizer) -> List[int]:
+    """The ids the tokenizer puts in front of every text by its own convention: [BOS] for OPT
+    (its </s>) and LLaMA, [] for Qwen2 / Qwen3 or T5."""
+    plain = tokenizer("a", add_special_tokens=False).input_ids
+    full = tokenizer("a", add_special_tokens=True).input_ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return full[:k]
+    raise ValueError(f"{type(tokenizer).__name__}: the ids of 'a' with special tokens ({full}) do not "
+                     f"contain those without ({plain})")
+
+
+def single_token_in_context(tokenizer, text: str) -> Optional[int]:
+    """The id of `text` when it is one token after a word or punctuation in every probe (how a
+    target's end is tokenized in training), else None (the tokenizer splits or merges it)."""
+    ids = set()
+    for before in ("a", "a.", "1"):
+        head = tokenizer(before, add_special_tokens=False).input_ids
+        both = tokenizer(before + text, add_special_tokens=False).input_ids
+        if len(both) != len(head) + 1 or both[:len(head)] != head:
+            return None
+        ids.add(both[-1])
+    return ids.pop() if len(ids) == 1 else None
+
+
+def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False):
+    """(ids, attention_mask), long tensors (B, longest); zero-width rows give (B, 0), not the
+    float tensor a tokenizer returns for a batch of empty texts."""
+    width = max((len(r) for r in rows), default=0)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, span] = torch.tensor(list(row), dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+class StopOnText(StoppingCriteria):
+    """Marks a row done once its generated text contains `stop`. Works on decoded text, so it
+    does not matter how the tokenizer splits "###" ("▁###", "##" + "#", three byte tokens)."""
+
+    def __init__(self, tokenizer, stop: str):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        # With inputs_embeds, input_ids holds only the generated tokens.
+        texts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
 
 
 class Blip2VLLLM(Blip2Base):
@@ -51,6 +117,11 @@ class Blip2VLLLM(Blip2Base):
     # State-dict prefix of the projector; the same as LAVIS / the released checkpoints use,
     # so their files load unchanged.
     projector_name: str = None
+    # End of text of a decoder-only LLM when the config has no `end_sym`: a string every
+    # training target ends with and generation stops at, or None for the tokenizer's EOS.
+    # "\n" is what LAVIS's BLIP-2 OPT and the VPGTrans OPT / LLaMA / Vicuna checkpoints were
+    # trained with. An encoder-decoder LLM (Flan-T5, LAVIS's blip2_t5) ends at its EOS.
+    default_end_sym: Optional[str] = "\n"
 
     def __init__(
         self,
@@ -72,6 +143,9 @@ class Blip2VLLLM(Blip2Base):
         pformer_model_type: str = None,
         pformer_checkpoint: str = None,
         align_weight: float = 0.0,
+        end_sym=CLASS_DEFAULT,
+        label_bos: bool = True,
+        llm_config: Optional[dict] = None,
     ):
         super().__init__()
         if self.projector_name is None:
@@ -95,12 +169,21 @@ class Blip2VLLLM(Blip2Base):
         llm_path = zoo.resolve(llm_model)
         self.llm_dtype = DTYPES[llm_precision]
         self.llm_tokenizer = AutoTokenizer.from_pretrained(llm_path)
-        self.is_encoder_decoder = AutoConfig.from_pretrained(llm_path).is_encoder_decoder
+        llm_cfg = AutoConfig.from_pretrained(llm_path)
+        self.is_encoder_decoder = llm_cfg.is_encoder_decoder
         llm_cls = T5ForConditionalGeneration if self.is_encoder_decoder else AutoModelForCausalLM
-        self.llm_model = llm_cls.from_pretrained(llm_path, torch_dtype=self.llm_dtype)
+        if llm_config is None:
+            llm_config = LAVIS_LLM_CONFIG.get(llm_cfg.model_type, {})
+        self.llm_model = llm_cls.from_pretrained(llm_path, torch_dtype=self.llm_dtype, **dict(llm_config))
         if self.llm_tokenizer.pad_token is None:
             # LLaMA / Vicuna ship no pad token; padding is masked out, so any id will do.
             self.llm_tokenizer.pad_token = self.llm_tokenizer.unk_token or self.llm_tokenizer.eos_token
+        self._set_end_of_text(end_sym)
+        # Prepended to every decoder-only text (training, generation, chat) as the tokenizer does.
+        self.bos_ids = [] if self.is_encoder_decoder else leading_special_ids(self.llm_tokenizer)
+        # LAVIS's blip2_opt labels every text token but padding and the prompt: with an empty
+        # prompt the BOS too (predicted from the last soft prompt).
+        self.label_bos = bool(label_bos)
 
         self.add_module(self.projector_name,
                         nn.Linear(self.Qformer.config.hidden_size, self.llm_model.config.hidden_size))
@@ -200,9 +283,50 @@ class Blip2VLLLM(Blip2Base):
             pformer_model_type=cfg.get("pformer_model_type", None),
             pformer_checkpoint=cfg.get("pformer_checkpoint", None),
             align_weight=cfg.get("align_weight", 0.0),
+            end_sym=cfg.get("end_sym", CLASS_DEFAULT),
+            label_bos=cfg.get("label_bos", True),
+            llm_config=cfg.get("llm_config", None),
         )
         model.load_checkpoint_from_config(cfg)
         return model
+
+    # ------------------------------------------------------------------ end of text
+
+    def _set_end_of_text(self, end_sym) -> None:
+        """`end_sym`: a string, None (the tokenizer's EOS) or CLASS_DEFAULT. Sets `end_sym` and
+        `end_token_id`, the id generation stops at (None when end_sym spans several tokens:
+        generation then stops on text)."""
+        if end_sym is CLASS_DEFAULT:
+            end_sym = None if self.is_encoder_decoder else self.default_end_sym
+        if end_sym is not None and (not isinstance(end_sym, str) or not end_sym):
+            raise ValueError(f"{type(self).__name__}: end_sym must be a non-empty string or null (the "
+                             f"tokenizer's EOS), got {end_sym!r}")
+        tok = self.llm_tokenizer
+        self.end_sym: Optional[str] = end_sym
+        if end_sym is None:
+            if tok.eos_token_id is None:
+                raise ValueError(f"{type(self).__name__}: end_sym is null but the LLM's tokenizer has no EOS "
+                                 f"token; set end_sym")
+            self.end_token_id: Optional[int] = tok.eos_token_id
+        else:
+            # As LAVIS (eos_token_id = the "\n" id): one token in context is the generation's EOS.
+            self.end_token_id = single_token_in_context(tok, end_sym)
+        logger.info("end of text: %r (%s)", end_sym if end_sym is not None else tok.eos_token,
+                    f"token {self.end_token_id}" if self.end_token_id is not None else "stop on text")
+
+    def _stop_kwargs(self) -> dict:
+        """HF generate arguments that end a sequence at the end of text, however it is tokenized."""
+        if self.end_token_id is not None:
+            return {"eos_token_id": self.end_token_id}
+        tok = self.llm_tokenizer
+        return {"eos_token_id": tok.eos_token_id,
+                "stopping_criteria": StoppingCriteriaList([StopOnText(tok, self.end_sym)])}
+
+    def cut_at_end(self, text: str) -> str:
+        """Generated text up to (not including) the end of text, stripped."""
+        if self.end_sym is not None:
+            text = text.split(self.end_sym, 1)[0]
+        return text.strip()
 
     # ------------------------------------------------------------------ freezing
 
@@ -362,46 +486,46 @@ class Blip2VLLLM(Blip2Base):
                               return_dict=True).loss
 
     def _tokenize_prefix_target(self, prefixes: Sequence[str], targets: Sequence[str]):
-        """(input_ids, attention_mask, labels) for `prefix + " " + target + EOS`, right-padded,
-        with labels only on the
-        target and EOS. The boundary comes from the fast tokenizer's character offsets, so a
+        """(input_ids, attention_mask, labels) of decoder-only training rows, right-padded, as
+        LAVIS's blip2_opt builds them:
+          - BOS (as the tokenizer adds it) + prefix + " " + target + end_sym (the EOS id when
+            end_sym is None), cut at max_txt_len tokens, BOS included (a long target loses its end,
+            as in LAVIS);
+          - labels on the target and its end; with an empty prefix (caption without prompt) on
+            every token, BOS included when label_bos is set.
+        The prefix / target boundary comes from the fast tokenizer's character offsets, so a
         word-start token that merges the joining space ("Ġred", "▁red") counts as target."""
         tok = self.llm_tokenizer
         rows, label_rows = [], []
-        for prefix, target in zip(prefixes, targets):
-            joined = f"{prefix} {target}" if prefix else target
-            enc = tok(joined, add_special_tokens=True, return_offsets_mapping=True)
-            ids = enc["input_ids"][: self.max_txt_len - 1] + [tok.eos_token_id]
-            offsets = enc["offset_mapping"][: self.max_txt_len - 1]
-            n_prefix = len(prefix)
-            labels = [i if end > n_prefix and end > start else -100
-                      for i, (start, end) in zip(ids, offsets)] + [tok.eos_token_id]
-            rows.append(ids)
-            label_rows.append(labels)
-        width = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            input_ids[i, : len(r)] = torch.tensor(r)
-            attention_mask[i, : len(r)] = 1
-            labels[i, : len(lab)] = torch.tensor(lab)
+        for prefix, target in zip(prefixes, targets, strict=True):
+            joined = (f"{prefix} {target}" if prefix else target) + (self.end_sym or "")
+            enc = tok(joined, add_special_tokens=False, return_offsets_mapping=True)
+            ids, ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
+            if self.end_sym is None:
+                ids, ends = ids + [tok.eos_token_id], ends + [len(joined) + 1]
+            labels = [i if not prefix or end > len(prefix) else -100 for i, end in zip(ids, ends)]
+            bos_labels = self.bos_ids if self.label_bos and not prefix else [-100] * len(self.bos_ids)
+            rows.append((self.bos_ids + ids)[: self.max_txt_len])
+            label_rows.append((bos_labels + labels)[: self.max_txt_len])
+        input_ids, attention_mask = pad_rows(rows, tok.pad_token_id)
+        labels, _ = pad_rows(label_rows, -100)
         return input_ids, attention_mask, labels
 
     def _seq2seq_loss(self, prompts, prefixes, targets):
+        """Encoder: soft prompts + prefix; decoder: target (+ end_sym) + EOS, which the tokenizer
+        appends, as LAVIS's blip2_t5."""
         device = prompts.device
         tok = self.llm_tokenizer
-        enc = tok(prefixes, padding="longest", truncation=True, max_length=self.max_txt_len,
-                  return_tensors="pt").to(device)
-        dec = tok(targets, padding="longest", truncation=True, max_length=self.max_output_txt_len,
-                  return_tensors="pt").to(device)
-        labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
-        embeds = torch.cat([prompts, self.llm_model.get_input_embeddings()(enc.input_ids)], dim=1)
-        mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long, device=device),
-                          enc.attention_mask], dim=1)
-        return self.llm_model(inputs_embeds=embeds, attention_mask=mask,
-                              decoder_attention_mask=dec.attention_mask, labels=labels,
-                              return_dict=True).loss
+        enc_ids, enc_mask = (t.to(device) for t in pad_rows(
+            [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes], tok.pad_token_id))
+        dec_ids, dec_mask = (t.to(device) for t in pad_rows(
+            [tok(t + (self.end_sym or ""), truncation=True, max_length=self.max_output_txt_len).input_ids
+             for t in targets], tok.pad_token_id))
+        labels = dec_ids.masked_fill(dec_mask == 0, -100)
+        embeds = torch.cat([prompts, self.llm_model.get_input_embeddings()(enc_ids)], dim=1)
+        mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long, device=device), enc_mask], dim=1)
+        return self.llm_model(inputs_embeds=embeds, attention_mask=mask, decoder_attention_mask=dec_mask,
+                              labels=labels, return_dict=True).loss
 
     # ------------------------------------------------------------------ generation
 
@@ -420,13 +544,14 @@ class Blip2VLLLM(Blip2Base):
         temperature: float = 1.0,
     ) -> List[str]:
         """Captions (or continuations of `samples["prompt"]`) for a batch of images, by beam
-        search or nucleus sampling; `num_captions` per image, image-major."""
+        search or nucleus sampling; `num_captions` per image, image-major. `max_length` counts
+        new tokens; `min_length` counts the prompt's tokens too, as in LAVIS (see _generate)."""
         image = samples["image"]
         prompt = samples.get("prompt", self.prompt)
         prefixes = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt] * image.shape[0]
-        return self._generate(image, prefixes, do_sample=use_nucleus_sampling,
+        return self._generate(image, prefixes, min_length=min_length, do_sample=use_nucleus_sampling,
                               num_beams=1 if use_nucleus_sampling else num_beams,
-                              max_new_tokens=max_length, min_new_tokens=min_length, top_p=top_p,
+                              max_new_tokens=max_length, top_p=top_p,
                               temperature=temperature, repetition_penalty=repetition_penalty,
                               length_penalty=length_penalty, num_return_sequences=num_captions)
 
@@ -454,28 +579,38 @@ class Blip2VLLLM(Blip2Base):
         if isinstance(questions, str):
             questions = [questions]
         prefixes = [template.format(q) if "{}" in template else template + q for q in questions]
-        answers = self._generate(samples["image"], prefixes, do_sample=False, num_beams=num_beams,
-                                 max_new_tokens=max_len, min_new_tokens=min_len,
-                                 length_penalty=length_penalty, num_return_sequences=1)
-        return answers
+        return self._generate(samples["image"], prefixes, min_length=min_len, do_sample=False,
+                              num_beams=num_beams, max_new_tokens=max_len, length_penalty=length_penalty,
+                              num_return_sequences=1)
 
-    def _generate(self, image, prefixes: List[str], **gen_kwargs) -> List[str]:
+    def _prefix_rows(self, prefixes: Sequence[str]) -> List[List[int]]:
+        """Token ids of decoder-only generation prefixes: BOS as the tokenizer adds it, then the
+        prefix (its ids in training, where the target follows), cut at max_txt_len."""
+        tok = self.llm_tokenizer
+        return [(self.bos_ids + (tok(p, add_special_tokens=False).input_ids if p else []))[: self.max_txt_len]
+                for p in prefixes]
+
+    def _generate(self, image, prefixes: List[str], min_length: int = 1, **gen_kwargs) -> List[str]:
+        """Generates after soft prompts + prefix until the end of text, and cuts the text there.
+        `min_length` as LAVIS hands it to HF generate along with the prompt's token ids (BOS
+        included; the decoder start token for T5): it counts them, so min_length=1 never
+        constrains, and COCO's min_len=8 asks for 7 new tokens after a lone BOS."""
         prompts = self.encode_image(image)
         device = prompts.device
         tok = self.llm_tokenizer
-        if not self.is_encoder_decoder:
+        if self.is_encoder_decoder:
+            rows = [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes]
+            text_ids, text_mask = pad_rows(rows, tok.pad_token_id)
+            prompt_tokens = 1
+        else:
             # Left padding keeps every prefix adjacent to the tokens being generated.
-            tok.padding_side = "left"
-        try:
-            text = tok(prefixes, padding="longest", truncation=True, max_length=self.max_txt_len,
-                       return_tensors="pt").to(device)
-        finally:
-            tok.padding_side = "right"
-        embeds = torch.cat([prompts, self.llm_model.get_input_embeddings()(text.input_ids)], dim=1)
-        mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long, device=device),
-                          text.attention_mask], dim=1)
+            text_ids, text_mask = pad_rows(self._prefix_rows(prefixes), tok.pad_token_id, left=True)
+            prompt_tokens = text_ids.shape[1]
+        text_ids, text_mask = text_ids.to(device), text_mask.to(device)
+        embeds = torch.cat([prompts, self.llm_model.get_input_embeddings()(text_ids)], dim=1)
+        mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long, device=device), text_mask], dim=1)
         with self.maybe_autocast():
-            out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                          eos_token_id=tok.eos_token_id,
-                                          pad_token_id=tok.pad_token_id, **gen_kwargs)
-        return [t.strip() for t in tok.batch_decode(out, skip_special_tokens=True)]
+            out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, pad_token_id=tok.pad_token_id,
+                                          min_new_tokens=max(0, min_length - prompt_tokens),
+                                          **self._stop_kwargs(), **gen_kwargs)
+        return [self.cut_at_end(t) for t in tok.batch_decode(out, skip_special_tokens=True)]

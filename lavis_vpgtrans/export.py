@@ -1,4 +1,4 @@
-"""Export a trained decoder-only VL-LLM as a transformers `Blip2ForConditionalGeneration`.
+"""Export a trained VL-LLM as a transformers `Blip2ForConditionalGeneration`.
 
     python -m lavis_vpgtrans.export --model-arch blip2_opt_transfer --model-type opt6.7b \\
         --options llm_model=/models/opt-6.7b --checkpoint output/stage2/checkpoint_9.pth --out blip2-vpgtrans-opt6.7b
@@ -14,6 +14,8 @@ LAVIS's normalisation, the LLM's tokenizer). Plain transformers then runs it:
 
 The language model stops at our model's end-of-text token (eos_token_id in text_config and
 generation_config.json); the call above gives the caption our `generate()` gives by default.
+Decoder-only (OPT, LLaMA, blip2_causal_lm) and Flan-T5 models round-trip exactly (tests/
+test_hf_blip2.py); VL-Vicuna in conversation mode does not fit the layout and is refused.
 
 Image tokens: transformers' current BLIP-2 convention puts `num_query_tokens` "<image>" tokens
 in the text and scatters the soft prompts over them. That needs an embedding row for
@@ -103,13 +105,15 @@ def hf_state_dict(model):
 
 
 def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False) -> str:
-    """Writes `model` (a decoder-only Blip2VLLLM) as an HF BLIP-2 directory at `out`, atomically:
+    """Writes `model` (a Blip2VLLLM) as an HF BLIP-2 directory at `out`, atomically:
     everything goes to a temporary sibling directory that replaces `out` only when complete."""
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, Blip2Processor, GenerationConfig
 
-    if model.is_encoder_decoder:
-        raise ValueError(f"{type(model).__name__} has an encoder-decoder LLM ({model.llm_model_name}); only "
-                         f"decoder-only models are exported (their round trip is tested)")
+    if getattr(model, "conv_template", None) is not None:
+        # VL-Vicuna's chat puts the soft prompts inside a conversation ("###Human: <Img>...</Img>"):
+        # the legacy BLIP-2 layout has them only in front of the text
+        raise ValueError(f"{type(model).__name__} is in conversation mode (conv_template set); only models that "
+                         f"put the soft prompts in front of the text are exported")
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
@@ -135,8 +139,9 @@ def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False) -> 
     try:
         hf.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        # left padding (saved with the tokenizer): batched prompts end where generation starts, as in our models
-        tokenizer = AutoTokenizer.from_pretrained(tmp, padding_side="left")
+        # padding as in our models (saved with the tokenizer): a decoder-only LLM's batched prompts
+        # are left-padded so that each ends where generation starts; T5's encoder input is right-padded
+        tokenizer = AutoTokenizer.from_pretrained(tmp, padding_side="right" if model.is_encoder_decoder else "left")
         Blip2Processor(image_processor_from_lavis(vis_processor), tokenizer).save_pretrained(tmp)
         if os.path.exists(out):
             old = tempfile.mkdtemp(prefix=".export_old_", dir=os.path.dirname(out))

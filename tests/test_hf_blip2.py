@@ -82,6 +82,28 @@ def hf_dir(toy_zoo, tmp_path_factory):
     return str(out), hf
 
 
+def assert_same_generation(model, hf, processor, pil, pixel_values):
+    """Our generate() and transformers' on the same pixels: captions, then continuations of
+    prompts of different lengths (padded in a batch), greedy and beam 5. Returns our texts."""
+    end_sym = model.end_sym if getattr(model, "end_sym", None) is not None else processor.tokenizer.eos_token
+    texts = []
+    for prompt_set in (["", ""], ["a photo of", "there is a", "two shapes:", "Question: what is it? Answer:"]):
+        prompt = [prompt_set[i % len(prompt_set)] for i in range(len(pil))]
+        inputs = processor(images=pil, text=prompt, return_tensors="pt", padding=True)
+        for num_beams in (1, 5):
+            ours = model.generate({"image": pixel_values, "prompt": prompt}, num_beams=num_beams,
+                                  max_length=30, min_length=1)
+            ids = hf.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
+                              attention_mask=inputs.attention_mask, num_beams=num_beams, max_new_tokens=30)
+            if hf.config.use_decoder_only_language_model:  # the output starts with the prompt's ids
+                ids = ids[:, inputs.input_ids.shape[1]:]
+            # as our models do: the new text up to the end-of-text token the generation stopped at
+            theirs = [t.split(end_sym)[0].strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+            assert theirs == ours, (prompt_set, num_beams)
+            texts += ours
+    return texts
+
+
 def ours_from(path):
     return load_tiny("blip2_opt_transfer", "tiny_opt_small", vpg_checkpoint=path, projector_checkpoint=path).eval()
 
@@ -259,23 +281,7 @@ def test_export_round_trip_captions(trained, exported, images):
             assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-5
         finally:
             model.ln_vision.eps = own_eps
-    end_sym = model.end_sym if getattr(model, "end_sym", None) is not None else processor.tokenizer.eos_token
-    # captions, then continuations of prompts of different lengths (left padding in a batch)
-    prompts = [["", ""], ["a photo of", "there is a", "two shapes:", "Question: what is it? Answer:"]]
-    texts = []
-    for prompt_set in prompts:
-        prompt = [prompt_set[i % len(prompt_set)] for i in range(len(pil))]
-        inputs = processor(images=pil, text=prompt, return_tensors="pt", padding=True)
-        for num_beams in (1, 5):
-            ours = model.generate({"image": pixel_values, "prompt": prompt}, num_beams=num_beams,
-                                  max_length=30, min_length=1)
-            ids = hf.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
-                              attention_mask=inputs.attention_mask, num_beams=num_beams, max_new_tokens=30)
-            # as our models do: the new text up to the end-of-text token the generation stopped at
-            new = processor.batch_decode(ids[:, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-            theirs = [t.split(end_sym)[0].strip() for t in new]
-            assert theirs == ours, (prompt_set, num_beams)
-            texts += ours
+    texts = assert_same_generation(model, hf, processor, pil, pixel_values)
     assert all(texts[:len(pil)]) and len(set(texts)) > 2, texts
     assert hf.config.text_config.eos_token_id == hf.generation_config.eos_token_id
 
@@ -308,7 +314,26 @@ def test_export_refuses_an_existing_dir_and_encoder_decoders(trained, exported, 
     export_hf_blip2(model, processor, str(target), overwrite=True)
     assert not (target / "stale.txt").exists() and (target / "config.json").is_file()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".export")]
-    t5 = load_tiny("blip2_t5_transfer", "tiny_t5")
-    with pytest.raises(ValueError, match="encoder-decoder"):
-        export_hf_blip2(t5, processor, str(tmp_path / "t5"))
-    assert not (tmp_path / "t5").exists()
+    # VL-Vicuna's chat puts the soft prompts inside the conversation: not a BLIP-2 layout
+    with pytest.raises(ValueError, match="conversation mode"):
+        export_hf_blip2(load_tiny("blip2_vicuna", "tiny_vl_vicuna"), processor, str(tmp_path / "vicuna"))
+    assert not (tmp_path / "vicuna").exists()
+
+
+def test_flan_t5_export_round_trip(plugin, images, tmp_path):
+    """An encoder-decoder (Flan-T5 layout, with LAVIS's exact-GELU override) round-trips too."""
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from lavis_vpgtrans.export import export_hf_blip2
+
+    pil, pixel_values, vis_processor = images
+    torch.manual_seed(0)
+    model = load_tiny("blip2_t5_transfer", "tiny_t5").eval()
+    out = export_hf_blip2(model, vis_processor, str(tmp_path / "blip2-t5"))
+    hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = Blip2Processor.from_pretrained(out)
+    assert not hf.config.use_decoder_only_language_model
+    with torch.no_grad():
+        assert (model.encode_image(pixel_values) - hf_soft_prompts(hf, pixel_values)).abs().max().item() < 1e-4
+    texts = assert_same_generation(model, hf, processor, pil, pixel_values)
+    assert len(set(texts)) > 2, texts

@@ -119,3 +119,55 @@ def test_pickled_objects_are_refused(tmp_path, plugin, opt_model):
     torch.save({"model": {}, "payload": Payload()}, tmp_path / "pickle.pth")
     with pytest.raises(CheckpointError, match="weights-only"):
         opt_model.load_checkpoint(str(tmp_path / "pickle.pth"))
+
+
+def vpgtrans_release_layout(model, num_layers=32):
+    """A checkpoint as the official VPGTrans runner saves vl-llama.pth / vl-vicuna.pth: LAVIS's
+    {"model", "optimizer", "config", "scaler", "epoch"} with model = state_dict() minus frozen
+    parameters, so persistent buffers stay: with its transformers-4.28 LLaMA (attribute
+    `llama_model`) the rotary inv_freq of every layer, and the Q-Former's position_ids."""
+    state = {k: v.clone() + 0.5 for k, v in model.trainable_state_dict().items()}
+    position_ids = model.state_dict()["Qformer.bert.embeddings.position_ids"]
+    state["Qformer.bert.embeddings.position_ids"] = position_ids.clone()
+    head_dim = model.llm_model.config.hidden_size // model.llm_model.config.num_attention_heads
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    for i in range(num_layers):
+        state[f"llama_model.model.layers.{i}.self_attn.rotary_emb.inv_freq"] = inv_freq
+    return {"model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+            "config": {"model": {"arch": "blip2_vicuna", "end_sym": "###"}, "run": {"max_epoch": 5}},
+            "scaler": {"scale": 65536.0}, "epoch": 4}
+
+
+@pytest.mark.parametrize("name,model_type", [("blip2_llama", "tiny_llama"), ("blip2_vicuna", "tiny_vl_vicuna")])
+def test_released_vpgtrans_layout_loads_and_reports_the_dropped_llm_buffers(tmp_path, plugin, caplog, name,
+                                                                           model_type):
+    """Issue 12: vl-llama.pth / vl-vicuna.pth failed with `unexpected keys not in the model:
+    llama_model.model.layers.0.self_attn.rotary_emb.inv_freq, ...`."""
+    source = load(name, model_type)
+    ckpt = vpgtrans_release_layout(source)
+    path = tmp_path / "vl-release.pth"
+    torch.save(ckpt, path)
+    buffers = sorted(k for k in ckpt["model"] if k.startswith("llama_model."))
+
+    with caplog.at_level(logging.INFO):
+        model = load(name, model_type, finetuned=str(path), load_finetuned=True)
+    for key, value in source.trainable_state_dict().items():
+        assert torch.equal(model.state_dict()[key], value + 0.5), key
+    assert "dropped by design" in caplog.text and buffers[0] in caplog.text
+    llm_before = {k: v.clone() for k, v in model.llm_model.state_dict().items()}
+
+    report = model.load_checkpoint(str(path))
+    assert sorted(report.dropped) == buffers and len(buffers) == 32
+    assert not report.missing and not report.unexpected
+    assert "Qformer.bert.embeddings.position_ids" in report.loaded
+    assert all(torch.equal(v, llm_before[k]) for k, v in model.llm_model.state_dict().items())
+
+    # only the frozen LLM's rotary buffers are dropped by design: anything else is still an error
+    from lavis_vpgtrans.common.checkpoint import CheckpointError
+
+    for stray in ("llama_model.model.layers.0.self_attn.q_proj.weight", "llama_model.model.layers.0.bias",
+                  "Qformer.bert.embeddings.rotary_emb.inv_freq"):
+        bad = dict(ckpt, model={**ckpt["model"], stray: torch.zeros(1)})
+        torch.save(bad, tmp_path / "bad.pth")
+        with pytest.raises(CheckpointError, match="unexpected keys.*" + stray.replace(".", r"\.")):
+            model.load_checkpoint(str(tmp_path / "bad.pth"))

@@ -8,6 +8,7 @@ string metadata is returned under "metadata"). URLs go through LAVIS's download 
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List
@@ -164,13 +165,24 @@ def load_state_with_report(
     return report
 
 
+# Persistent buffers of a frozen LLM that trainer checkpoints carry but today's transformers
+# model does not have. LAVIS's and the official VPGTrans runner save state_dict() minus frozen
+# parameters, so buffers stay: with transformers 4.28's LLaMA (LLM attribute `llama_model`), the
+# rotary `inv_freq` of every layer (now one non-persistent buffer, recomputed from the config).
+FROZEN_LLM_BUFFERS = re.compile(r"^(llm_model|llama_model|opt_model|t5_model)\..*\.rotary_emb\.inv_freq$")
+
+
 def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
                        what: str = "checkpoint") -> LoadReport:
-    """A training checkpoint's weights (trainable parameters only, as our runner writes them and
-    the released VPGTrans files are): every key must fit the module and every trainable
-    parameter must be there; frozen weights (ViT, LLM) keep their values."""
+    """A training checkpoint's weights (trainable parameters only, as our runner writes them, or
+    trainable parameters + persistent buffers, as LAVIS's and the VPGTrans runner write them):
+    every key must fit the module and every trainable parameter must be there; frozen weights
+    (ViT, LLM) keep their values. Frozen-LLM buffers the module does not have
+    (FROZEN_LLM_BUFFERS) are dropped by design and reported; any other unknown key is an error."""
+    own = module.state_dict()
     required = [n for n, p in module.named_parameters() if p.requires_grad]
-    report = load_state_with_report(module, state_dict, source, required=required)
+    report = load_state_with_report(module, state_dict, source, required=required,
+                                    drop=lambda k: k not in own and bool(FROZEN_LLM_BUFFERS.match(k)))
     report.log(what)
     return report
 

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 from helpers import load_tiny
 
-N_IMAGES = 16
+N_IMAGES = 8
 
 
 def hf_soft_prompts(hf, pixel_values):
@@ -320,19 +320,21 @@ def test_export_refuses_an_existing_dir_and_encoder_decoders(trained, exported, 
     assert not (tmp_path / "vicuna").exists()
 
 
-def test_flan_t5_export_round_trip(plugin, images, tmp_path):
-    """An encoder-decoder (Flan-T5 layout, with LAVIS's exact-GELU override) round-trips too."""
+@pytest.mark.parametrize("arch, model_type", [("blip2_t5_transfer", "tiny_t5"), ("blip2_llama", "tiny_llama")])
+def test_untrained_export_round_trip(plugin, images, tmp_path, arch, model_type):
+    """An encoder-decoder (Flan-T5 layout, with LAVIS's exact-GELU override) and LLaMA (no spare
+    vocabulary row, SentencePiece) round-trip too."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from lavis_vpgtrans.export import export_hf_blip2
 
     pil, pixel_values, vis_processor = images
     torch.manual_seed(0)
-    model = load_tiny("blip2_t5_transfer", "tiny_t5").eval()
-    out = export_hf_blip2(model, vis_processor, str(tmp_path / "blip2-t5"))
+    model = load_tiny(arch, model_type).eval()
+    out = export_hf_blip2(model, vis_processor, str(tmp_path / model_type))
     hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
     processor = Blip2Processor.from_pretrained(out)
-    assert not hf.config.use_decoder_only_language_model
+    assert hf.config.use_decoder_only_language_model == (not model.is_encoder_decoder)
     with torch.no_grad():
         assert (model.encode_image(pixel_values) - hf_soft_prompts(hf, pixel_values)).abs().max().item() < 1e-4
     texts = assert_same_generation(model, hf, processor, pil, pixel_values)

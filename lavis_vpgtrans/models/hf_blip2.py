@@ -20,6 +20,7 @@ Two things do not map one to one:
 """
 
 import json
+import logging
 import os
 import re
 from typing import Dict, List, Tuple
@@ -27,6 +28,8 @@ from typing import Dict, List, Tuple
 import torch
 
 from lavis_vpgtrans.common.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 HF_MODEL_TYPE = "blip-2"
 LLM_PREFIX = "language_model."
@@ -202,4 +205,7 @@ def read_hf_blip2_dir(path: str) -> Dict:
         raise CheckpointError(f"{path}: unexpected keys for a Blip2ForConditionalGeneration: {', '.join(unexpected)}")
     metadata = {"format": "hf-blip2", "text_model_type": text_type,
                 "vision_layer_norm_eps": config.vision_config.layer_norm_eps}
+    logger.info("%s: HF-format BLIP-2 (%s LLM, projector as %s); its post_layernorm / ViT LayerNorm eps is %g, "
+                "LAVIS's ln_vision uses 1e-5 and EVA's blocks 1e-6", path, text_type, projector_name,
+                config.vision_config.layer_norm_eps)
     return {"model": hf_to_lavis(state, projector_name, path), "metadata": metadata}

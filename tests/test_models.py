@@ -70,6 +70,7 @@ def test_generic_causal_lm_model_types(plugin):
             "blip2_causal_lm", model_type, hub_id, precision)
         # the VPG of the released BLIP-2 OPT-6.7B; the projector comes from the converter
         assert cfg.vpg_checkpoint == released_opt67 and cfg.projector_checkpoint is None
+        assert cfg.end_sym == "\n"
     # LLaMA-1 / Vicuna keep their own classes and names
     assert "llama7b" not in cls.PRETRAINED_MODEL_CONFIG_DICT
     assert registry.get_model_class("blip2_llama").projector_name == "llama_proj"

@@ -14,16 +14,17 @@ LAVIS's normalisation, the LLM's tokenizer). Plain transformers then runs it:
 
 The language model stops at our model's end-of-text token (eos_token_id in text_config and
 generation_config.json); the call above gives the caption our `generate()` gives by default.
-Decoder-only (OPT, LLaMA, blip2_causal_lm) and Flan-T5 models round-trip exactly (tests/
-test_hf_blip2.py); VL-Vicuna in conversation mode does not fit the layout and is refused.
+OPT, LLaMA and Flan-T5 models round-trip exactly (tests/test_hf_blip2.py); VL-Vicuna in
+conversation mode does not fit the layout and is refused.
 
 Image tokens: transformers' current BLIP-2 convention puts `num_query_tokens` "<image>" tokens
-in the text and scatters the soft prompts over them. That needs an embedding row for
-"<image>"; an LLM without a spare row (LLaMA-7B, Vicuna, the toy OPT) would have to grow its
-vocabulary, which adds a logit to every softmax and changes beam scores, so captions would not
-round-trip exactly. The legacy layout (no image_token_index, the processor without
-num_query_tokens) concatenates the soft prompts in front of the text embeddings, exactly as our
-models do, and transformers 4.51.3 runs it (with a deprecation warning): we export that.
+in the text and scatters the soft prompts over them. That needs an embedding row for "<image>";
+an LLM without a spare row (LLaMA-7B, Vicuna, the toy LMs) must grow its vocabulary, and the new
+row's logit then enters every softmax: the exported LLM is no longer the trained one and beam
+scores change (captions still agreed on 32 toy images, but nothing guarantees it). The legacy
+layout (no image_token_index, the processor without num_query_tokens) concatenates the soft
+prompts in front of the text embeddings, exactly as our models do, needs no new row, and
+transformers 4.51.3 runs it (with a deprecation warning): we export that.
 """
 
 import argparse

@@ -23,7 +23,7 @@ import json
 import logging
 import os
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -81,7 +81,7 @@ _LAVIS_BIAS = re.compile(r"visual_encoder\.blocks\.(?P<i>\d+)\.attn\.(?P<qv>[qv]
 _HF_BIAS = _compile(HF_QKV_BIAS)
 
 
-def _rename(key: str, table) -> str:
+def _rename(key: str, table) -> Optional[str]:
     for pattern, target in table:
         m = pattern.match(key)
         if m:
@@ -91,8 +91,8 @@ def _rename(key: str, table) -> str:
 
 def lavis_to_hf(state: Dict[str, torch.Tensor], projector_name: str, source: str = "model") -> Dict[str, torch.Tensor]:
     """A LAVIS VPG + projector state dict (ViT, ln_vision, Q-Former, query tokens, `projector_name`)
-    in transformers' Blip2 names. Keys of neither (e.g. EVA layer scale `gamma_1`, which
-    transformers' Blip2 cannot represent) are an error naming them."""
+    in transformers' Blip2 names. Any other key (e.g. EVA's layer scale `gamma_1`, which
+    transformers' Blip2 cannot represent) is an error naming it."""
     out, biases, unknown = {}, {}, []
     for key, value in state.items():
         if key.startswith(projector_name + "."):

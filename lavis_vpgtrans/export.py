@@ -14,6 +14,9 @@ LAVIS's normalisation, the LLM's tokenizer). Plain transformers then runs it:
 
 The language model stops at our model's end-of-text token (eos_token_id in text_config and
 generation_config.json); the call above gives the caption our `generate()` gives by default.
+An end of text of several tokens (e.g. "\\n" for Qwen's tokenizer) is written as
+generation_config.stop_strings, which Blip2's generate() does not read by itself: pass
+`stop_strings=model.generation_config.stop_strings, tokenizer=processor.tokenizer`.
 OPT, LLaMA and Flan-T5 models round-trip exactly (tests/test_hf_blip2.py); VL-Vicuna in
 conversation mode does not fit the layout and is refused.
 
@@ -65,14 +68,14 @@ def blip2_config(model):
         num_query_tokens=model.query_tokens.shape[1])
 
 
-def end_token_id(model) -> int:
-    """The id our generation stops at: the model's end-of-text token (`end_token_id`, e.g. the
-    "\\n" LAVIS trains OPT with; the tokenizer's EOS for a model without one)."""
-    end_id = getattr(model, "end_token_id", model.llm_tokenizer.eos_token_id)
-    if end_id is None:
-        raise ValueError(f"end_sym {model.end_sym!r} is several tokens for this tokenizer; our models stop on its "
-                         f"text, an exported generation_config can stop at single tokens only")
-    return end_id
+def end_of_text(model) -> dict:
+    """How our generation ends, as transformers generate() arguments: at the end-of-text token
+    (`end_token_id`: e.g. the "\\n" LAVIS trains OPT with, or the tokenizer's EOS); when the end
+    of text spans several tokens (`end_sym`, e.g. "\\n" for Qwen's tokenizer), at the EOS or on
+    the text (stop_strings), as our StopOnText does."""
+    if model.end_token_id is not None:
+        return {"eos_token_id": model.end_token_id}
+    return {"eos_token_id": model.llm_tokenizer.eos_token_id, "stop_strings": model.end_sym}
 
 
 def image_processor_from_lavis(vis_processor):
@@ -122,11 +125,12 @@ def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False) -> 
     tok = model.llm_tokenizer
     # transformers 4.51.3's Blip2 generate() runs the language model's generate, whose defaults
     # come from text_config (not generation_config.json): the end of text goes there, as in
-    # HF's own Salesforce/blip2-opt-* configs (eos_token_id 50118 = "\n").
-    config.text_config.eos_token_id = end_token_id(model)
+    # HF's own Salesforce/blip2-opt-* configs (eos_token_id 50118 = "\n"). stop_strings cannot:
+    # generation_config.json records them, the caller passes them (see the module docstring).
+    end = end_of_text(model)
+    config.text_config.eos_token_id = end["eos_token_id"]
     config.text_config.pad_token_id = tok.pad_token_id
-    generation = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=config.text_config.eos_token_id,
-                                  pad_token_id=tok.pad_token_id)
+    generation = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **end)
     with torch.device("meta"):  # no memory, no random init: every weight is assigned below
         hf = Blip2ForConditionalGeneration(config)
     result = hf.load_state_dict(hf_state_dict(model), strict=False, assign=True)

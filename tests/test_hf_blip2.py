@@ -84,24 +84,34 @@ def hf_dir(toy_zoo, tmp_path_factory):
 
 def assert_same_generation(model, hf, processor, pil, pixel_values):
     """Our generate() and transformers' on the same pixels: captions, then continuations of
-    prompts of different lengths (padded in a batch), greedy and beam 5. Returns our texts."""
-    end_sym = model.end_sym if getattr(model, "end_sym", None) is not None else processor.tokenizer.eos_token
-    texts = []
+    prompts of different lengths (padded in a batch), greedy and beam 5. Returns our texts and
+    how many of transformers' outputs stopped at the end of text."""
+    end_sym = model.end_sym if model.end_sym is not None else processor.tokenizer.eos_token
+    # an end of text of several tokens is in generation_config.json, which Blip2's generate() leaves to the caller
+    stop_strings = hf.generation_config.stop_strings
+    stop = {"stop_strings": stop_strings, "tokenizer": processor.tokenizer} if stop_strings else {}
+    texts, stopped = [], 0
     for prompt_set in (["", ""], ["a photo of", "there is a", "two shapes:", "Question: what is it? Answer:"]):
         prompt = [prompt_set[i % len(prompt_set)] for i in range(len(pil))]
         inputs = processor(images=pil, text=prompt, return_tensors="pt", padding=True)
         for num_beams in (1, 5):
             ours = model.generate({"image": pixel_values, "prompt": prompt}, num_beams=num_beams,
-                                  max_length=30, min_length=1)
+                                  max_length=20, min_length=1)
             ids = hf.generate(pixel_values=pixel_values, input_ids=inputs.input_ids,
-                              attention_mask=inputs.attention_mask, num_beams=num_beams, max_new_tokens=30)
+                              attention_mask=inputs.attention_mask, num_beams=num_beams, max_new_tokens=20,
+                              **stop)
             if hf.config.use_decoder_only_language_model:  # the output starts with the prompt's ids
                 ids = ids[:, inputs.input_ids.shape[1]:]
             # as our models do: the new text up to the end-of-text token the generation stopped at
-            theirs = [t.split(end_sym)[0].strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
+            raw = processor.batch_decode(ids, skip_special_tokens=True)
+            theirs = [t.split(end_sym)[0].strip() for t in raw]
             assert theirs == ours, (prompt_set, num_beams)
             texts += ours
-    return texts
+            if model.end_sym is None:  # the EOS token
+                stopped += int((ids == processor.tokenizer.eos_token_id).any(1).sum())
+            else:
+                stopped += sum(end_sym in t for t in raw)
+    return texts, stopped
 
 
 def ours_from(path):
@@ -281,8 +291,8 @@ def test_export_round_trip_captions(trained, exported, images):
             assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-5
         finally:
             model.ln_vision.eps = own_eps
-    texts = assert_same_generation(model, hf, processor, pil, pixel_values)
-    assert all(texts[:len(pil)]) and len(set(texts)) > 2, texts
+    texts, stopped = assert_same_generation(model, hf, processor, pil, pixel_values)
+    assert all(texts[:len(pil)]) and len(set(texts)) > 2 and stopped > 0, (texts, stopped)
     assert hf.config.text_config.eos_token_id == hf.generation_config.eos_token_id
 
 
@@ -320,22 +330,26 @@ def test_export_refuses_an_existing_dir_and_encoder_decoders(trained, exported, 
     assert not (tmp_path / "vicuna").exists()
 
 
-@pytest.mark.parametrize("arch, model_type", [("blip2_t5_transfer", "tiny_t5"), ("blip2_llama", "tiny_llama")])
-def test_untrained_export_round_trip(plugin, images, tmp_path, arch, model_type):
-    """An encoder-decoder (Flan-T5 layout, with LAVIS's exact-GELU override) and LLaMA (no spare
-    vocabulary row, SentencePiece) round-trip too."""
+@pytest.mark.parametrize("arch, model_type, options", [
+    ("blip2_t5_transfer", "tiny_t5", {}),
+    ("blip2_llama", "tiny_llama", {"end_sym": "top right"})])
+def test_untrained_export_round_trip(plugin, images, tmp_path, arch, model_type, options):
+    """An encoder-decoder (Flan-T5 layout, with LAVIS's exact-GELU override) round-trips too, and
+    so does LLaMA (no spare vocabulary row, SentencePiece) with an end of text of several tokens
+    (stop_strings; a phrase the toy LMs say often, so that generation does stop on it)."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     from lavis_vpgtrans.export import export_hf_blip2
 
     pil, pixel_values, vis_processor = images
     torch.manual_seed(0)
-    model = load_tiny(arch, model_type).eval()
+    model = load_tiny(arch, model_type, **options).eval()
     out = export_hf_blip2(model, vis_processor, str(tmp_path / model_type))
     hf = Blip2ForConditionalGeneration.from_pretrained(out).eval()
     processor = Blip2Processor.from_pretrained(out)
     assert hf.config.use_decoder_only_language_model == (not model.is_encoder_decoder)
+    assert (model.end_token_id is None) == bool(options), "the multi-token case must be one"
     with torch.no_grad():
         assert (model.encode_image(pixel_values) - hf_soft_prompts(hf, pixel_values)).abs().max().item() < 1e-4
-    texts = assert_same_generation(model, hf, processor, pil, pixel_values)
-    assert len(set(texts)) > 2, texts
+    texts, stopped = assert_same_generation(model, hf, processor, pil, pixel_values)
+    assert len(set(texts)) > 2 and stopped > 0, (texts, stopped)

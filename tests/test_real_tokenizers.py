@@ -36,10 +36,11 @@ def _build_llm(kind: str, tokenizer, path: str) -> str:
         model = OPTForCausalLM(OPTConfig(vocab_size=50272, word_embed_proj_dim=HIDDEN, ffn_dim=2 * HIDDEN,
                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                          pad_token_id=tokenizer.eos_token_id, **common))
-    elif kind == "llama3":
+    elif kind in ("llama", "llama3"):  # LLaMA-1/2, or Llama-3 with grouped-query attention
         model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), intermediate_size=2 * HIDDEN,
-                                             num_key_value_heads=2, rope_theta=500000.0, tie_word_embeddings=False,
-                                             bos_token_id=tokenizer.bos_token_id,
+                                             num_key_value_heads=2 if kind == "llama3" else 4,
+                                             rope_theta=500000.0 if kind == "llama3" else 10000.0,
+                                             tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
                                              eos_token_id=tokenizer.eos_token_id, **common))
     else:
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=151936, intermediate_size=2 * HIDDEN, num_key_value_heads=2,
@@ -143,6 +144,9 @@ def test_the_rebuilt_llama_tokenizer_is_llamas(llama_tokenizer):
     assert tok("\U0001F600", add_special_tokens=False).input_ids == [29871, 243, 162, 155, 131]  # byte fallback
     assert tok.decode(tok("Hello world, \u00bfqu\u00e9?\n").input_ids, skip_special_tokens=True) == \
         "Hello world, \u00bfqu\u00e9?\n"
+    # VL-Vicuna's "###" (DESIGN.md section 7): one piece at a word start, "##" + "#" after a word
+    assert tok("###", add_special_tokens=False).input_ids == [835]
+    assert tok("a###", add_special_tokens=False).input_ids[-2:] == [2277, 29937]
 
 
 # Shared tokens compared as bytes (DESIGN.md section 7): OPT-LLaMA 18,207 (byte-level BPE against
@@ -260,3 +264,23 @@ def test_bf16_llm_as_the_model_types_ship_it(plugin, llm_dirs, source_checkpoint
     assert all(p.grad is None for p in model.llm_model.parameters())
     captions = model.eval().generate({"image": caption_batch["image"][:2]}, num_beams=2, max_length=4)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+
+
+def test_vl_llama_on_llamas_vocabulary_ends_captions_as_vpgtrans(plugin, llama_tokenizer, tmp_path_factory,
+                                                                 caption_batch):
+    # blip2_llama (VL-LLaMA) with LLaMA's own vocabulary: BOS <s> in front, and "\n" the byte
+    # piece <0x0A> (13) in every context, the id VPGTrans's blip2_llama trains and stops with
+    path = _build_llm("llama", llama_tokenizer, str(tmp_path_factory.mktemp("llama") / "llama"))
+    model = load_tiny("blip2_llama", "tiny_llama", llm_model=path)
+    assert model.bos_ids == [1] and model.end_sym == "\n" and model.end_token_id == 13
+    captions = list(caption_batch["text_input"][:2])
+    ids, mask, labels = model._tokenize_prefix_target(["", ""], captions)
+    for row, row_mask, row_labels, caption in zip(ids, mask, labels, captions):
+        row = row[row_mask.bool()].tolist()
+        assert row[0] == 1 and row[-1] == 13
+        assert llama_tokenizer.decode(row[1:-1]) == caption
+        assert row_labels[1: len(row)].tolist() == row[1:]  # the caption and its end are labelled
+    assert torch.isfinite(model(caption_batch)["loss"])
+    model.eval()
+    assert all(isinstance(c, str) for c in model.generate({"image": caption_batch["image"][:2]}, num_beams=2,
+                                                          max_length=4))

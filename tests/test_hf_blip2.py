@@ -8,6 +8,7 @@ that captions exactly as our model does.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,9 @@ def hf_dir(toy_zoo, tmp_path_factory):
                 continue
             if name.endswith("self_attn.qkv.bias"):  # EVA layout: q and v biases, no key bias
                 q, k, v = p.chunk(3)
-                q.normal_(std=0.1), k.zero_(), v.normal_(std=0.1)
+                q.normal_(std=0.1)
+                k.zero_()
+                v.normal_(std=0.1)
             else:  # off the init values (LayerNorm ones / zeros) so every tensor is tested
                 p.add_(0.05 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("hf_blip2") / "blip2"
@@ -197,31 +200,35 @@ def test_renaming_rules(plugin, hf_dir):
 
 def test_bad_hf_files_give_errors_naming_the_key(plugin, hf_dir, tmp_path):
     from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file
-    from lavis_vpgtrans.models.hf_blip2 import hf_to_lavis, lavis_to_hf
+    from lavis_vpgtrans.models.hf_blip2 import lavis_to_hf
 
     path, hf = hf_dir
-    vpg = {k: v.clone() for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
-    key = "vision_model.encoder.layers.0.self_attn.qkv.bias"
-    vpg[key][48 + 3] = 0.5  # one element of the key part
-    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + ".*non-zero key bias"):
-        hf_to_lavis(vpg, "opt_proj")
-    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.gamma_1"):
-        lavis_to_hf({"visual_encoder.blocks.0.gamma_1": torch.ones(48)}, "opt_proj")
-    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.attn\.v_bias"):
-        lavis_to_hf({"visual_encoder.blocks.0.attn.q_bias": torch.ones(48)}, "opt_proj")
 
-    # a directory whose weights lack one key
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    shutil.copy(os.path.join(path, "config.json"), broken)
-    state = {k: v.contiguous() for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+    def broken_dir(name, edit):
+        """A copy of the HF directory (config + VPG weights) with `edit` applied to its state."""
+        state = {k: v.clone() for k, v in hf.state_dict().items() if not k.startswith("language_model.")}
+        edit(state)
+        out = tmp_path / name
+        out.mkdir()
+        shutil.copy(os.path.join(path, "config.json"), out)
+        save_file(state, str(out / "model.safetensors"))
+        return str(out)
+
+    key = "vision_model.encoder.layers.0.self_attn.qkv.bias"
+    bad = broken_dir("k_bias", lambda state: state[key].__setitem__(48 + 3, 0.5))  # one element of the key part
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad}: '{key}' has a non-zero key bias")):
+        load_checkpoint_file(bad)
     missing = "qformer.encoder.layer.1.output_query.dense.weight"
-    del state[missing]
-    save_file(state, str(broken / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing keys: " + missing.replace(".", r"\.")):
-        load_checkpoint_file(str(broken))
+    bad = broken_dir("missing", lambda state: state.pop(missing))
+    with pytest.raises(CheckpointError, match=re.escape(f"{bad}: missing keys: {missing}")):
+        load_checkpoint_file(bad)
     with pytest.raises(CheckpointError, match="not an HF-format BLIP-2"):
         load_checkpoint_file(os.path.join(os.environ["VPGTRANS_TOY_ZOO"], "opt-small"))
+    # the other way: what transformers' Blip2 cannot hold
+    with pytest.raises(CheckpointError, match=r"visual_encoder\.blocks\.0\.gamma_1"):
+        lavis_to_hf({"visual_encoder.blocks.0.gamma_1": torch.ones(48)}, "opt_proj")
+    with pytest.raises(CheckpointError, match=r"missing key 'visual_encoder\.blocks\.0\.attn\.v_bias'"):
+        lavis_to_hf({"visual_encoder.blocks.0.attn.q_bias": torch.ones(48)}, "opt_proj")
 
 
 # ---------------------------------------------------------------------------- LAVIS -> HF

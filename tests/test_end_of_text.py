@@ -214,10 +214,10 @@ def test_llm_without_bos_generates_trains_and_answers(qwen_dir):
     tok = model.llm_tokenizer
     assert tok.bos_token_id is None and tok("a").input_ids == ids(tok, "a")
     assert tok(["", ""], return_tensors="pt").input_ids.dtype == torch.float32  # the trap
-    assert model.bos_ids == []
 
     captions = model.generate({"image": IMAGES}, num_beams=2, max_length=4)
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    assert model.bos_ids == []
     sampled = model.generate({"image": IMAGES}, use_nucleus_sampling=True, max_length=4, num_captions=2)
     assert len(sampled) == 4
     answers = model.predict_answers({"image": IMAGES, "text_input": ["what is it?", "where?"]}, num_beams=2,

@@ -95,7 +95,6 @@ class Blip2Vicuna(Blip2LLaMA):
         template = template or self.conv_template
         if template is None:
             raise ValueError("no conversation template: set the model's conv_template (e.g. minigpt4)")
-        tok = self.llm_tokenizer
         num_query = self.query_tokens.shape[1]
         ids = list(self.bos_ids)
         labels = [-100] * len(ids)

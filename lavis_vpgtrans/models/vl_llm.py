@@ -501,7 +501,7 @@ class Blip2VLLLM(Blip2Base):
             joined = (f"{prefix} {target}" if prefix else target) + (self.end_sym or "")
             enc = tok(joined, add_special_tokens=False, return_offsets_mapping=True)
             ids, ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
-            if self.end_sym is None:
+            if self.end_sym is None:  # the EOS id, after the text
                 ids, ends = ids + [tok.eos_token_id], ends + [len(joined) + 1]
             labels = [i if not prefix or end > len(prefix) else -100 for i, end in zip(ids, ends)]
             bos_labels = self.bos_ids if self.label_bos and not prefix else [-100] * len(self.bos_ids)
@@ -516,8 +516,7 @@ class Blip2VLLLM(Blip2Base):
         appends, as LAVIS's blip2_t5."""
         device = prompts.device
         tok = self.llm_tokenizer
-        enc_ids, enc_mask = (t.to(device) for t in pad_rows(
-            [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes], tok.pad_token_id))
+        enc_ids, enc_mask = (t.to(device) for t in pad_rows(self._encoder_rows(prefixes), tok.pad_token_id))
         dec_ids, dec_mask = (t.to(device) for t in pad_rows(
             [tok(t + (self.end_sym or ""), truncation=True, max_length=self.max_output_txt_len).input_ids
              for t in targets], tok.pad_token_id))
@@ -583,6 +582,12 @@ class Blip2VLLLM(Blip2Base):
                               num_beams=num_beams, max_new_tokens=max_len, length_penalty=length_penalty,
                               num_return_sequences=1)
 
+    def _encoder_rows(self, prefixes: Sequence[str]) -> List[List[int]]:
+        """Token ids of encoder-decoder prefixes, with the tokenizer's own special tokens (T5's
+        closing </s>), as LAVIS's blip2_t5 tokenizes them."""
+        tok = self.llm_tokenizer
+        return [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes]
+
     def _prefix_rows(self, prefixes: Sequence[str]) -> List[List[int]]:
         """Token ids of decoder-only generation prefixes: BOS as the tokenizer adds it, then the
         prefix (its ids in training, where the target follows), cut at max_txt_len."""
@@ -599,8 +604,7 @@ class Blip2VLLLM(Blip2Base):
         device = prompts.device
         tok = self.llm_tokenizer
         if self.is_encoder_decoder:
-            rows = [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes]
-            text_ids, text_mask = pad_rows(rows, tok.pad_token_id)
+            text_ids, text_mask = pad_rows(self._encoder_rows(prefixes), tok.pad_token_id)
             prompt_tokens = 1
         else:
             # Left padding keeps every prefix adjacent to the tokens being generated.

@@ -12,14 +12,14 @@ import torch
 
 from lavis_vpgtrans.toy import world
 from lavis_vpgtrans.toy import zoo
-from lavis_vpgtrans.toy.zoo import (TOY_VIT, build_eva_vit, ensure_zoo, pretrain_lm, pretrain_vit, resolve,
-                                   zoo_profile)
+from lavis_vpgtrans.toy.zoo import (TOY_VIT, build_eva_vit, ensure_zoo, lm_text, pretrain_lm, pretrain_vit,
+                                   related_embeddings, resolve, zoo_profile)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_demo(*args, timeout=600):
+def run_demo(*args, timeout=1500):
     return subprocess.run([sys.executable, "-m", "lavis_vpgtrans.demo", *args], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
 
@@ -77,7 +77,9 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
     assert seed["converters"]["opt-large"]["same_tokenizer"] is True
     assert seed["converters"]["llama"]["same_tokenizer"] is False
     assert -1.0 <= seed["converters"]["llama"]["held_out_mean_cosine"] <= 1.0
-    assert set(results["timings_s"]["job_walls"]) >= {"seed3/source", "seed3/vpgtrans", "seed3/convert_llama"}
+    # one source for all seeds, trained on the world's source split (not the transfers' train split)
+    assert set(results["timings_s"]["job_walls"]) >= {"source", "seed3/vpgtrans", "seed3/convert_llama"}
+    assert "annotations/caption_source.json" in (out / "source" / "run" / "log.txt").read_text()
     from PIL import Image
 
     with Image.open(out / "convergence.png") as image:
@@ -161,7 +163,7 @@ def test_document_pretraining_lowers_the_lm_loss():
     assert steps == list(range(1, 31))
     # the loss on one whole document, before and after
     fresh = OPTForCausalLM.from_pretrained(path).eval()
-    ids = torch.tensor([sum((tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in docs[0]), [])])
+    ids = torch.tensor([tokenizer(lm_text(docs[0])).input_ids + [tokenizer.eos_token_id]])
     with torch.no_grad():
         before = fresh(input_ids=ids, labels=ids).loss.item()
         after = model(input_ids=ids, labels=ids).loss.item()
@@ -172,6 +174,44 @@ def test_document_pretraining_lowers_the_lm_loss():
 
         pretrain_lm(T5ForConditionalGeneration.from_pretrained(resolve("toy:t5")), tokenizer, None, steps=1,
                     documents=docs)
+
+
+def test_lm_text_ends_every_line_with_a_newline_the_tokenizers_keep():
+    """Decoder-only LMs learn the released models' end of text: a caption line ends with "\\n"."""
+    from transformers import AutoTokenizer
+
+    text = lm_text(["a red circle at the top left", "Question: how many shapes are there? Answer: 1"])
+    assert text == "a red circle at the top left\nQuestion: how many shapes are there? Answer: 1\n"
+    for name, newline in (("opt-small", "\u010a"), ("llama", "<0x0A>")):  # GPT-2's byte for \n; LLaMA's byte fallback
+        tokenizer = AutoTokenizer.from_pretrained(resolve(f"toy:{name}"))
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+        assert tokens.count(newline) == 2 and tokens[-1] == newline, (name, tokens)
+        assert tokenizer.decode(tokenizer(text).input_ids, skip_special_tokens=True) == text
+
+
+def test_related_embeddings_are_a_linear_map_of_the_narrow_ones():
+    torch.manual_seed(0)
+    narrow = torch.randn(60, 8) * 0.02
+    wide = related_embeddings(narrow, 12, seed=1)
+    assert wide.shape == (60, 12)
+    fit = torch.linalg.lstsq(narrow, wide).solution
+    assert torch.allclose(narrow @ fit, wide, atol=1e-6)
+    assert wide.std().item() == pytest.approx(narrow.std().item(), rel=0.2)
+    assert not torch.equal(wide, related_embeddings(narrow, 12, seed=2))
+    with pytest.raises(ValueError, match="8-d to 4-d"):
+        related_embeddings(narrow, 4, seed=1)
+
+
+def test_source_split_adds_images_and_leaves_the_other_splits_alone(tmp_path):
+    world.write_dataset(str(tmp_path / "a"), n_train=4, n_val=2, n_test=2, seed=1)
+    world.write_dataset(str(tmp_path / "b"), n_train=4, n_val=2, n_test=2, seed=1, n_source=3)
+    for name in ("caption_train.json", "caption_val.json", "vqa_test.json"):
+        assert (tmp_path / "a" / "annotations" / name).read_text() == (tmp_path / "b" / "annotations" / name).read_text()
+    source = json.loads((tmp_path / "b" / "annotations" / "caption_source.json").read_text())
+    train = json.loads((tmp_path / "b" / "annotations" / "caption_train.json").read_text())
+    assert len(source) == 3 * 5 and all(isinstance(e["caption"], str) for e in source)
+    assert not {e["image"] for e in source} & {e["image"] for e in train}
+    assert not (tmp_path / "a" / "annotations" / "caption_source.json").exists()
 
 
 def test_job_failure_names_the_job_and_stops_the_others(tmp_path):

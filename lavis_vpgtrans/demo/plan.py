@@ -116,11 +116,23 @@ class SeedPlan:
     jobs: Dict[str, Job]  # by key, in dependency order
 
 
-def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epochs: int, source_epochs: int,
+# One source model for every seed, as the paper transfers from one BLIP-2: a fixed seed, so
+# that runs with different --seeds transfer from the same source.
+SOURCE_SEED = 0
+
+
+def source_job(out_dir: str, stage1_checkpoint: str, source_epochs: int) -> Job:
+    """The source VL model (source.yaml: its own, larger training split), from the stage-1 Q-Former."""
+    return train_job(SOURCE.name, SOURCE, os.path.join(out_dir, SOURCE.name), SOURCE_SEED, source_epochs,
+                     [f"model.vpg_checkpoint={stage1_checkpoint}"])
+
+
+def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epochs: int, source: Job,
               cross_family: bool = True, warmup_epochs: int = 0) -> SeedPlan:
-    """The runs of one seed: source and train-from-scratch baselines (they need only the
-    stage-1 Q-Former), the converters (they need the source projector), then the transfers,
-    and with `warmup_epochs` > 0 the warm-up table's projector-only runs."""
+    """The runs of one seed: the train-from-scratch baselines (they need only the stage-1
+    Q-Former), the converters (they need the shared `source`'s projector), then the
+    transfers, and with `warmup_epochs` > 0 the warm-up table's projector-only runs. The
+    plan lists `source` among its jobs (one job, whichever seeds list it)."""
     root = os.path.join(out_dir, f"seed{seed}")
     key = lambda name: f"seed{seed}/{name}"  # noqa: E731
     run_dir = lambda run: os.path.join(root, run.name)  # noqa: E731
@@ -129,7 +141,6 @@ def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epo
         return train_job(key(run.name), run, run_dir(run), seed, n_epochs, options, deps)
 
     stage1 = [f"model.vpg_checkpoint={stage1_checkpoint}"]
-    source = train(SOURCE, source_epochs, stage1)
     first = [source, train(TFS, epochs, stage1)]
     if cross_family:
         first.append(train(CROSS_TFS, epochs, stage1))

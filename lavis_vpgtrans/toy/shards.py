@@ -17,7 +17,8 @@ def write_caption_shards(out_dir: str, n_shards: int = 2, per_shard: int = 64, s
     rng = random.Random(seed)
     os.makedirs(out_dir, exist_ok=True)
     for shard in range(n_shards):
-        with wds.TarWriter(os.path.join(out_dir, f"{shard:05d}.tar")) as sink:
+        # a fixed mtime: the same seed writes the same bytes
+        with wds.TarWriter(os.path.join(out_dir, f"{shard:05d}.tar"), mtime=0) as sink:
             for i in range(per_shard):
                 scene = world.sample_scene(rng)
                 caption = world.captions(scene, rng)[0]

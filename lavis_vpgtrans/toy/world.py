@@ -37,6 +37,7 @@ CELLS = {  # name -> (column, row) of a 2x2 grid
     "bottom right": (1, 1),
 }
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
+TRAIN_LAYOUT = ("train", "source")  # splits written one entry per caption / answer list
 IMAGE_SIZE = 64
 
 
@@ -147,15 +148,18 @@ def corpus_sentences(n: int, seed: int = 0) -> List[str]:
 
 
 def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int = 32,
-                  seed: int = 0) -> Dict[str, str]:
-    """Writes images and annotation files; returns a name -> relative path map."""
+                  seed: int = 0, n_source: int = 0) -> Dict[str, str]:
+    """Writes images and annotation files; returns a name -> relative path map. `n_source` > 0
+    adds a "source" split in the train layout, of other images: the larger pre-training set of
+    the demo's source model (the paper's source VPG saw several times the transfer's data)."""
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
     ann_dir = os.path.join(out_dir, "annotations")
     os.makedirs(img_dir, exist_ok=True)
     os.makedirs(ann_dir, exist_ok=True)
 
-    splits = {"train": n_train, "val": n_val, "test": n_test}
+    # the source split comes last: the other splits are the same with or without it
+    splits = {"train": n_train, "val": n_val, "test": n_test, **({"source": n_source} if n_source else {})}
     files: Dict[str, str] = {}
     image_id, question_id = 0, 0
     for split, n in splits.items():
@@ -168,7 +172,7 @@ def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int
             fname = f"toy_{image_id:06d}.jpg"
             render(scene).save(os.path.join(img_dir, fname), quality=95)
             refs = captions(scene, rng)
-            if split == "train":
+            if split in TRAIN_LAYOUT:
                 cap_entries.extend({"image": fname, "caption": c, "image_id": image_id} for c in refs)
             else:
                 cap_entries.append({"image": fname, "caption": refs, "image_id": image_id})
@@ -178,7 +182,7 @@ def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int
             for q in questions(scene, rng):
                 question_id += 1
                 entry = {"question_id": question_id, "question": q["question"], "image": fname}
-                if split == "train":
+                if split in TRAIN_LAYOUT:
                     vqa_entries.append({**entry, "answer": [q["answer"]] * 10})
                 else:
                     vqa_entries.append(entry)
@@ -201,7 +205,7 @@ def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int
 
         dump(f"caption_{split}.json", cap_entries)
         dump(f"vqa_{split}.json", vqa_entries)
-        if split != "train":
+        if split not in TRAIN_LAYOUT:
             dump(f"caption_{split}_gt.json", {"info": {"description": "toy world"}, "licenses": [],
                                               "type": "captions", "images": gt_images,
                                               "annotations": gt_anns})

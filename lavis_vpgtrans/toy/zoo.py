@@ -25,25 +25,32 @@ Two profiles of the same world (PROFILES):
          ViT. Models run and train, but an image barely changes what they say.
   demo   the world the demo (python -m lavis_vpgtrans.demo) learns in: the ViT pre-trained on
          the scenes, LMs pre-trained on multi-sentence documents until they use their context
-         (about a minute), a Q-Former initialisation scaled to its width, a larger val split.
+         (a few minutes), opt-large grown from opt-small (one family: a linear map relates
+         their word embeddings), a Q-Former initialisation scaled to its width, a larger val
+         split and an 8x larger "source" split for the source model.
+The decoder-only LMs learn the released BLIP-2 / VPGTrans end of text: every line ends with
+"\n". The build is deterministic (deterministic_build): the same seed and profile give the
+same bytes.
 """
 
 import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
 import torch
 
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
 from lavis_vpgtrans.toy import instruct, shards, world
 
-ZOO_VERSION = "5"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "6"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "model.safetensors"
@@ -71,6 +78,14 @@ class ZooProfile:
     # of image signal to its queries, too little to learn from in a short run
     qformer_init_range: float = 0.02
     n_val: int = 32
+    vit_steps: int = 150  # with pretrain_vit
+    lm_documents: int = 6000  # with lm_doc_questions
+    n_source: int = 64  # images of the data set's "source" split (world.write_dataset)
+    # opt-large related to opt-small as members of one family are: grown from it (its
+    # embeddings start as opt-small's pre-trained ones through a random orthonormal map, as
+    # model-growth methods initialise a larger model from a smaller one), then pre-trained
+    # on the same batches in the same order
+    related_opt_init: bool = False
 
 
 PROFILES = {
@@ -81,7 +96,8 @@ PROFILES = {
         opt_sizes={"opt-small": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
                    "opt-large": OPT_SIZES["opt-large"]},
         lm_doc_questions=1, lm_steps=1250, lm_lr=2e-3, lm_warmup_steps=50,
-        pretrain_vit=True, qformer_init_range=0.08, n_val=128),
+        pretrain_vit=True, qformer_init_range=0.08, n_val=128,
+        n_source=2048, related_opt_init=True),
 }
 DEFAULT_PROFILE = "test"
 STAMP_NAME = "ZOO_VERSION"
@@ -174,6 +190,31 @@ def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
     return root
 
 
+# --------------------------------------------------------------------------- determinism
+
+
+@contextmanager
+def deterministic_build():
+    """One thread, deterministic algorithms and no tokenizer parallelism while the zoo is built:
+    float reductions then run in one fixed order, so the same seed gives the same bytes
+    whatever thread count the caller's process has. Restores the caller's settings."""
+    threads = torch.get_num_threads()
+    algorithms = torch.are_deterministic_algorithms_enabled()
+    tokenizers_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(algorithms)
+        if tokenizers_env is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = tokenizers_env
+
+
 # --------------------------------------------------------------------------- tokenizers
 
 
@@ -194,12 +235,19 @@ def _byte_level_bpe(sentences, vocab_size):
 
 
 def _sentencepiece_model(sentences, path_prefix, vocab_size, model_type, **ids):
+    import io
+
     import sentencepiece as spm
 
+    # written through model_writer, not model_prefix: the model file records its trainer
+    # options, and a temporary path among them would make every build's file differ
+    model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_prefix=path_prefix, vocab_size=vocab_size,
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size,
         model_type=model_type, character_coverage=1.0, num_threads=1, minloglevel=2,
         hard_vocab_limit=False, **ids)
+    with open(path_prefix + ".model", "wb") as f:
+        f.write(model.getvalue())
     return path_prefix + ".model"
 
 
@@ -214,13 +262,19 @@ def _save_sentencepiece_tokenizer(slow_cls, fast_cls, spm_file, out_dir, **kwarg
 
 
 def _wordpiece(sentences, out_dir):
-    from tokenizers import BertWordPieceTokenizer
+    """A BERT WordPiece vocabulary of the toy text: the special tokens, then every word and
+    character (and ## continuation character), sorted. Written directly, not by the
+    WordPiece trainer, which breaks ties between equally frequent pieces in hash order."""
+    from tokenizers.pre_tokenizers import BertPreTokenizer
     from transformers import BertTokenizer
 
-    wp = BertWordPieceTokenizer(lowercase=True)
-    wp.train_from_iterator(sentences, vocab_size=300, min_frequency=1, show_progress=False)
+    split = BertPreTokenizer()
+    words = {word for s in sentences for word, _ in split.pre_tokenize_str(s.lower())}
+    chars = {c for word in words for c in word}
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(words | chars) + sorted(f"##{c}" for c in chars)
     os.makedirs(out_dir, exist_ok=True)
-    wp.save_model(out_dir)
+    with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
+        f.write("".join(f"{token}\n" for token in vocab))
     tok = BertTokenizer(os.path.join(out_dir, "vocab.txt"))
     tok.save_pretrained(out_dir)
     return tok
@@ -229,12 +283,19 @@ def _wordpiece(sentences, out_dir):
 # --------------------------------------------------------------------------- models
 
 
+def lm_text(lines) -> str:
+    """A decoder-only LM's pre-training text: every line followed by "\\n" (EOS comes after)."""
+    return "".join(f"{line}\n" for line in lines)
+
+
 def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, seed=0, documents=None,
                 warmup_steps=0, clip_norm=None, on_step=None):
     """A short language-model pre-training on the toy world's text, so that the frozen LLMs
     of the zoo speak its language (as a real LLM speaks English) before any VL training.
     Decoder-only: next-token prediction, on single sentences, or on `documents` (lists of
-    sentences, each closed by EOS, concatenated as one sequence) when given. Encoder-decoder:
+    lines) when given. Every sentence / line ends with "\\n" and a sequence (a sentence, or a
+    document's lines joined) is closed by EOS: the end-of-text convention of the released
+    decoder-only BLIP-2 / VPGTrans models, whose captions end with "\\n". Encoder-decoder:
     a random word split, the first part encoded and the rest decoded (prefix LM, as BLIP-2
     trains Flan-T5)."""
     import random
@@ -248,7 +309,7 @@ def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, 
         if model.config.is_encoder_decoder:
             raise ValueError("documents are for decoder-only LMs")
         # tokenized once: the per-step tokenizer calls would cost as much as the model
-        pool = [sum((tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in doc), []) for doc in documents]
+        pool = [tokenizer(lm_text(doc)).input_ids + [tokenizer.eos_token_id] for doc in documents]
     model.train()
     for step in range(steps):
         if documents is not None:
@@ -263,7 +324,8 @@ def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, 
             labels = dec.input_ids.masked_fill(dec.attention_mask == 0, -100)
             rows = None
         else:
-            rows = [tokenizer(s).input_ids + [tokenizer.eos_token_id] for s in rng.sample(sentences, batch_size)]
+            rows = [tokenizer(lm_text([s])).input_ids + [tokenizer.eos_token_id]
+                    for s in rng.sample(sentences, batch_size)]
         if rows is None:
             loss = model(**enc, labels=labels).loss
         else:
@@ -328,7 +390,7 @@ def pretrain_vit(vit, cfg, steps=150, n_scenes=2000, batch_size=128, lr=2e-3, se
     return loss.item()
 
 
-def save_toy_vit(out_dir, seed=0, pretrain=False, **overrides):
+def save_toy_vit(out_dir, seed=0, pretrain=False, steps=150, **overrides):
     """A tiny EVA ViT with LAVIS's own VisionTransformer class, stored as config + weights."""
     from safetensors.torch import save_file
 
@@ -336,11 +398,22 @@ def save_toy_vit(out_dir, seed=0, pretrain=False, **overrides):
     torch.manual_seed(seed)
     vit = build_eva_vit(cfg)
     if pretrain:
-        pretrain_vit(vit, cfg, seed=seed)
+        pretrain_vit(vit, cfg, steps=steps, seed=seed)
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, VIT_CONFIG_NAME), "w") as f:
         json.dump({"architecture": "eva_vit", **cfg}, f, indent=2)
     save_file(vit.state_dict(), os.path.join(out_dir, VIT_WEIGHTS_NAME))
+
+
+def related_embeddings(embeddings: torch.Tensor, width: int, seed: int) -> torch.Tensor:
+    """`embeddings` (vocab x d) through a random map with orthonormal columns to `width` >= d
+    dimensions, rescaled to the same per-coordinate spread: a wider model's initial embeddings
+    that a linear map relates to the narrower one's."""
+    d = embeddings.shape[1]
+    if width < d:
+        raise ValueError(f"related embeddings widen: {d}-d to {width}-d is not possible")
+    q, _ = torch.linalg.qr(torch.randn(width, d, generator=torch.Generator().manual_seed(seed)))
+    return embeddings @ q.t() * math.sqrt(width / d)
 
 
 def build_eva_vit(cfg, drop_path_rate=0.0, use_checkpoint=False):
@@ -355,20 +428,26 @@ def build_eva_vit(cfg, drop_path_rate=0.0, use_checkpoint=False):
         norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_checkpoint=use_checkpoint)
 
 
-def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=None) -> None:
-    """Writes the whole zoo of `profile` into `out`. `progress(what, done, total)`, if given,
-    is called as the build goes (the LM pre-training step by step)."""
+def build_zoo(out: str, seed: int = 0, profile: Union[str, ZooProfile] = DEFAULT_PROFILE, progress=None) -> None:
+    """Writes the whole zoo of `profile` (a name in PROFILES, or a ZooProfile: e.g. a reduced
+    one for tests) into `out`, the same bytes for the same seed and profile (see
+    deterministic_build). `progress(what, done, total)`, if given, is called as the build goes
+    (the LM pre-training step by step)."""
+    with deterministic_build():
+        _build_zoo(out, seed, PROFILES[profile] if isinstance(profile, str) else profile, progress)
+
+
+def _build_zoo(out: str, seed: int, prof: ZooProfile, progress) -> None:
     from transformers import (BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM,
                               LlamaTokenizer, LlamaTokenizerFast, OPTConfig, OPTForCausalLM,
                               T5Config, T5ForConditionalGeneration, T5Tokenizer, T5TokenizerFast)
 
-    prof = PROFILES[profile]
     report = progress or (lambda what, done, total: None)
-    logging.info("building the toy zoo (%s profile) in %s", profile, out)
+    logging.info("building the toy zoo (%s profile) in %s", prof.name, out)
     os.makedirs(out, exist_ok=True)
     report("data", 0, 1)
     data_dir = os.path.join(out, "data")
-    world.write_dataset(data_dir, n_val=prof.n_val, seed=seed)
+    world.write_dataset(data_dir, n_val=prof.n_val, seed=seed, n_source=prof.n_source)
     toy_benchmarks.write_benchmarks(os.path.join(out, "benchmarks"), seed=seed)
     shards.write_caption_shards(os.path.join(out, "laion_coco"), seed=seed + 2)
     instruct.write_instruct_set(os.path.join(out, "instruct"), seed=seed + 7)
@@ -377,7 +456,7 @@ def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=
         f.write("\n".join(sentences) + "\n")
     documents = None
     if prof.lm_doc_questions is not None:
-        documents = world.corpus_documents(6000, seed=seed + 3, questions_per_doc=prof.lm_doc_questions)
+        documents = world.corpus_documents(prof.lm_documents, seed=seed + 3, questions_per_doc=prof.lm_doc_questions)
     report("data", 1, 1)
 
     def lm_pretraining(name, model, tokenizer, lm_seed, decoder_only=True):
@@ -390,9 +469,11 @@ def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=
                     clip_norm=1.0 if documents is not None else None,
                     on_step=lambda done: report(f"{name} LM", done, steps))
 
-    # OPT family: one tokenizer, two sizes.
-    opt_tok = _byte_level_bpe(sentences, vocab_size=400)
+    # OPT family: one tokenizer (trained on the LMs' text: every line ends with "\n"), two sizes.
+    opt_tok = _byte_level_bpe([lm_text([s]) for s in sentences], vocab_size=400)
+    first = None
     for i, (name, size) in enumerate(prof.opt_sizes.items()):
+        lm_seed = seed + 10 + (0 if prof.related_opt_init else i)
         torch.manual_seed(seed + 10 + i)
         cfg = OPTConfig(vocab_size=len(opt_tok), word_embed_proj_dim=size["hidden_size"],
                         max_position_embeddings=128, pad_token_id=opt_tok.pad_token_id,
@@ -400,14 +481,22 @@ def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=
                         dropout=0.0, attention_dropout=0.0, **size)
         d = os.path.join(out, name)
         model = OPTForCausalLM(cfg)
-        lm_pretraining(name, model, opt_tok, seed + 10 + i)
+        if first is not None and prof.related_opt_init:
+            model.get_input_embeddings().weight.data.copy_(
+                related_embeddings(first.get_input_embeddings().weight.detach(), size["hidden_size"], seed + 10 + i))
+        lm_pretraining(name, model, opt_tok, lm_seed)
+        if first is None:
+            first = model
         model.save_pretrained(d)
         opt_tok.save_pretrained(d)
 
     with tempfile.TemporaryDirectory() as tmp:
         # LLaMA family: SentencePiece BPE with byte fallback, <unk>=0 <s>=1 </s>=2, no pad.
+        # LLaMA's own normalisation (none): "\n" is not folded into a space but reaches the
+        # byte fallback as <0x0A>, as in the released LLaMA tokenizers
         spm_file = _sentencepiece_model(sentences, os.path.join(tmp, "llama"), 400, "bpe",
-                                        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+                                        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                        normalization_rule_name="identity", remove_extra_whitespaces=False)
         d = os.path.join(out, "llama")
         llama_tok = _save_sentencepiece_tokenizer(LlamaTokenizer, LlamaTokenizerFast, spm_file, d,
                                                   legacy=False)
@@ -444,11 +533,11 @@ def build_zoo(out: str, seed: int = 0, profile: str = DEFAULT_PROFILE, progress=
                                initializer_range=prof.qformer_init_range)).save_pretrained(d)
 
     report("ViT", 0, 1)
-    save_toy_vit(os.path.join(out, "eva-vit"), seed=seed + 50, pretrain=prof.pretrain_vit)
+    save_toy_vit(os.path.join(out, "eva-vit"), seed=seed + 50, pretrain=prof.pretrain_vit, steps=prof.vit_steps)
     report("ViT", 1, 1)
 
     with open(os.path.join(out, STAMP_NAME), "w") as f:
-        f.write(_stamp(profile))
+        f.write(_stamp(prof.name))
 
 
 def main(argv=None):

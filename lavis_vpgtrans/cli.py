@@ -19,8 +19,10 @@ from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
-from lavis_vpgtrans.common.config import PluginConfig
+from lavis_vpgtrans.common.config import PluginConfig, check_config
 from lavis_vpgtrans.common.dist import init_distributed_mode
+from lavis_vpgtrans.runners.run_record import RunDirError, check_fresh_run_dir, claim_run_dir
+from lavis_vpgtrans.runners.runner_base import job_dir_of
 
 DEFAULT_RUNNER = "runner_vpgtrans_base"
 
@@ -53,6 +55,26 @@ def make_job_id(cfg) -> str:
     return str(job_id)
 
 
+def claim_output_dir(cfg, job_id, training):
+    """One run per output directory (runners/run_record.py), checked by rank 0 before anything
+    is built; every rank raises the same error."""
+    error = None
+    if get_rank() == 0:
+        job_dir = job_dir_of(cfg.run_cfg, job_id)
+        try:
+            claim_run_dir(job_dir)
+            if training and not cfg.run_cfg.get("resume_ckpt_path", None):
+                check_fresh_run_dir(job_dir)
+        except RunDirError as e:
+            error = str(e)
+    if is_dist_avail_and_initialized():
+        holder = [error]
+        dist.broadcast_object_list(holder, src=0)
+        error = holder[0]
+    if error:
+        raise RunDirError(error)
+
+
 def build(argv, description, evaluate):
     args = parse_args(argv, description, with_ckpt=evaluate)
     if evaluate:
@@ -61,11 +83,13 @@ def build(argv, description, evaluate):
             options += ["model.load_finetuned=True", f"model.finetuned={args.ckpt}"]
         args.options = options
     cfg = PluginConfig(args)
+    check_config(cfg)  # typos and unknown registry names fail here, before anything is built
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(cfg)
     setup_logger()
     cfg.pretty_print()
     job_id = make_job_id(cfg)
+    claim_output_dir(cfg, job_id, training=not evaluate)
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)

@@ -7,8 +7,11 @@ convergence plots from the runs' metrics.jsonl logs.
 Each run directory holds metrics.jsonl (or a single job subdirectory holding it, as LAVIS
 writes <output_dir>/<job_id>/), one JSON object per (epoch, benchmark, split) evaluation:
 
-    {"epoch": 3, "paper_epoch": 3, "stage": 2, "benchmark": "coco_caption", "split": "val",
-     "metrics": {"CIDEr": 0.71, "agg_metrics": 0.71}}
+    {"run_id": "job-3f2a9c1e", "epoch": 3, "paper_epoch": 3, "stage": 2, "benchmark": "coco_caption",
+     "split": "val", "metrics": {"CIDEr": 0.71, "agg_metrics": 0.71}}
+
+A file whose lines carry different run ids (two runs wrote into one directory) is refused;
+lines without a run id (logs written before run ids were recorded) count as one run.
 
 `paper_epoch` is the paper's 1-based epoch count, in which the whole stage 1 (projector
 warm-up) is epoch 1; when stage 1 spans several runner epochs, the last of them stands for
@@ -56,6 +59,7 @@ class Record:
     split: Optional[str]
     metrics: Dict[str, float]
     line: int
+    run_id: Optional[str] = None
 
 
 @dataclass
@@ -149,7 +153,21 @@ def _parse_record(text: str, where: str, line: int) -> Record:
     for key, value in metrics.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise LogError(f"{where}: metric {key!r} must be a finite number, got {value!r}")
-    return Record(epoch, paper_epoch, stage, benchmark, split, dict(metrics), line)
+    run_id = obj.get("run_id")
+    if run_id is not None and (not isinstance(run_id, str) or not run_id):
+        raise LogError(f"{where}: 'run_id' must be a non-empty string, got {run_id!r}")
+    return Record(epoch, paper_epoch, stage, benchmark, split, dict(metrics), line, run_id)
+
+
+def _check_one_run(path: str, records: Sequence[Record]) -> None:
+    """Every line from one run: two runs appending to one file are not one run's curve."""
+    first: Dict[Optional[str], Record] = {}
+    for record in records:
+        first.setdefault(record.run_id, record)
+    if len(first) > 1:
+        runs = ", ".join(f"{run_id or '(no run id)'} from line {r.line}" for run_id, r in first.items())
+        raise LogError(f"{path}: lines from {len(first)} different runs ({runs}); several runs wrote into "
+                       f"one output directory, so the file is no one run's record")
 
 
 def _check_epochs(path: str, records: Sequence[Record]) -> None:
@@ -186,6 +204,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
                 records.append(_parse_record(text, f"{metrics_file}:{number}", number))
     if not records:
         raise LogError(f"{metrics_file}: no evaluation records")
+    _check_one_run(metrics_file, records)
     _check_epochs(metrics_file, records)
 
     splits: Dict[str, set] = {}

@@ -84,18 +84,55 @@ def _maybe_json(value: str):
 
 
 def save_checkpoint_atomic(obj: Dict, path: str) -> None:
-    """torch.save to a temporary file in the same directory, then rename: a crash mid-write
-    never leaves a truncated file under `path`."""
+    """torch.save to a temporary file in the same directory, fsync, then rename: a crash
+    mid-write never leaves a truncated file under `path`, and a power loss after the rename
+    does not either. Temporary files are named after their writer's pid; those of writers no
+    longer alive (killed mid-write) are removed here."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pth", dir=directory)
-    os.close(fd)
+    _remove_stale_temporaries(directory)
+    fd, tmp = tempfile.mkstemp(prefix=f"{_TMP_PREFIX}{os.getpid()}_", suffix=".pth", dir=directory)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the rename itself
+        finally:
+            os.close(dir_fd)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+_TMP_PREFIX = ".tmp_"
+
+
+def _remove_stale_temporaries(directory: str) -> None:
+    for name in os.listdir(directory):
+        if not (name.startswith(_TMP_PREFIX) and name.endswith(".pth")):
+            continue
+        pid = name[len(_TMP_PREFIX):].split("_", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.remove(os.path.join(directory, name))
+            logger.info("removed %s, left by a checkpoint write that did not finish", name)
+        except FileNotFoundError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass

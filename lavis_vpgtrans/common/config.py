@@ -1,5 +1,7 @@
 """LAVIS's Config, with command-line model selection that works and config inheritance."""
 
+import functools
+import logging
 import os
 
 from lavis.common.config import Config
@@ -51,3 +53,125 @@ class PluginConfig(Config):
         if overrides:
             config = OmegaConf.merge(config, {"model": overrides})
         return Config.build_model_config(config)
+
+
+# ---------------------------------------------------------------------------- key checks
+
+class ConfigKeyError(KeyError):
+    """A config key or registry name nothing reads: the message names it and the closest known one."""
+
+    def __str__(self):  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+# OmegaConf methods, not keys, when seen as `cfg.<name>`
+_METHODS = {"get", "pop", "keys", "items", "values", "copy", "setdefault", "update", "merge"}
+
+
+def keys_read(objs, holder: str) -> set:
+    return set().union(*(_keys_read_one(obj, holder) for obj in objs))
+
+
+@functools.lru_cache(maxsize=None)
+def _keys_read_one(obj, holder: str) -> frozenset:
+    """The keys the source of `objs` (classes, with their bases, or modules) reads from a config
+    node named `holder` (the last part of the expression: `self.config.run_cfg` and `run_cfg`
+    are both "run_cfg"): `holder.get("k")`, `holder["k"]`, `holder.k`. What is accepted is
+    what the code reads, so a class registered by a user is covered as soon as it is loaded."""
+    import ast
+    import inspect
+    import textwrap
+
+    sources = []
+    for part in (obj.__mro__[:-1] if inspect.isclass(obj) else [obj]):
+        try:
+            sources.append(textwrap.dedent(inspect.getsource(part)))
+        except (OSError, TypeError):  # built-in or generated: nothing to read
+            continue
+
+    def is_holder(node):
+        return isinstance(node, (ast.Name, ast.Attribute)) and ast.unparse(node).split(".")[-1] == holder
+
+    def const(node):
+        return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+    keys = set()
+    for source in sources:
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop") \
+                    and is_holder(node.func.value) and node.args and const(node.args[0]):
+                keys.add(const(node.args[0]))
+            elif isinstance(node, ast.Subscript) and is_holder(node.value) and const(node.slice):
+                keys.add(const(node.slice))
+            elif isinstance(node, ast.Attribute) and is_holder(node.value) and node.attr not in _METHODS:
+                keys.add(node.attr)
+    return frozenset(keys)
+
+
+def _closest(name: str, known) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _registered(kind: str, name, what: str) -> type:
+    cls = registry.mapping[f"{kind}_name_mapping"].get(name, None) if isinstance(name, str) else None
+    if cls is None:
+        known = registry.mapping[f"{kind}_name_mapping"]
+        raise ConfigKeyError(f"{what}={name!r} is not registered{_closest(str(name), known)} "
+                             f"(registered: {', '.join(sorted(known))})")
+    return cls
+
+
+def check_config(cfg) -> None:
+    """Every key of the run, model and dataset sections must be one the registered runner, task,
+    model and builders (or this plugin's entry points) read, and every registry name must
+    exist -- checked before anything is built, so a typo fails at once, not as a silently
+    ignored setting or after a stage of training. Keys read by code this scan cannot see
+    (a user's extension reading config some other way) are listed in `run.unchecked_keys`,
+    as dotted names (e.g. [model.my_option])."""
+    import lavis.tasks
+
+    from lavis_vpgtrans import cli
+    from lavis_vpgtrans.common import dist as plugin_dist
+
+    run_cfg, model_cfg = cfg.run_cfg, cfg.model_cfg
+    unchecked = set(run_cfg.get("unchecked_keys", None) or [])
+    runner_cls = _registered("runner", run_cfg.get("runner", cli.DEFAULT_RUNNER), "run.runner")
+    task_cls = _registered("task", run_cfg.get("task", None), "run.task")
+    lr_sched = run_cfg.get("lr_sched", None)
+    if lr_sched is not None and not run_cfg.get("evaluate", False):
+        _registered("lr_scheduler", lr_sched, "run.lr_sched")
+    model_cls = _registered("model", model_cfg.get("arch", None), "model.arch")
+    builders = {name: _registered("builder", name, f"datasets.{name}") for name in cfg.datasets_cfg}
+
+    def check(section: str, node, known, elsewhere=frozenset()) -> None:
+        for key in node.keys():
+            dotted = f"{section}.{key}"
+            if key in known or dotted in unchecked:
+                continue
+            if key in elsewhere:  # e.g. a baseline extending a two-stage config with a one-stage runner
+                logging.warning("config key %r is not read by this run's runner, task or builders: ignored", dotted)
+                continue
+            raise ConfigKeyError(f"unknown config key {dotted!r}{_closest(str(key), set(known) | set(elsewhere))} (if your own "
+                                     f"code reads it, list it in run.unchecked_keys)")
+
+    known_run = keys_read([runner_cls, task_cls, cli, plugin_dist, lavis.tasks, *builders.values()],
+                          "run_cfg") | {"unchecked_keys"}
+    others = [*registry.mapping["runner_name_mapping"].values(), *registry.mapping["task_name_mapping"].values()]
+    check("run", run_cfg, known_run, keys_read(others, "run_cfg"))
+
+    llm = model_cfg.get("llm_model", None)
+    if isinstance(llm, str) and llm.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(llm)):
+        # transformers would read it as a hub id and say "Repo id must be in the form ..."
+        raise FileNotFoundError(f"model.llm_model={llm}: no such directory (a local LLM checkpoint directory, "
+                                f"or a hub id such as facebook/opt-2.7b)")
+    model_yaml = OmegaConf.load(model_cls.default_config_path(model_cfg.get("model_type")))
+    known_model = keys_read([model_cls], "cfg") | set(model_yaml.model.keys()) | {"arch", "model_type"}
+    check("model", model_cfg, known_model)
+
+    for name, builder_cls in builders.items():
+        default = OmegaConf.load(builder_cls.default_config_path(cfg.datasets_cfg[name].get("type", "default")))
+        known = keys_read([builder_cls], "config") | set(default.datasets[name].keys()) | {"type"}
+        check(f"datasets.{name}", cfg.datasets_cfg[name], known)

@@ -15,42 +15,40 @@ in this layout, for offline runs (`data_root: DIR`).
 """
 
 from lavis.common.registry import registry
-from lavis.datasets.datasets.coco_caption_datasets import COCOCapDataset, COCOCapEvalDataset, NoCapsEvalDataset
-from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEvalDataset
-from lavis.datasets.datasets.gqa_datasets import GQADataset, GQAEvalDataset
-
 from lavis_vpgtrans.datasets.builders import LocalFilesBuilder
+from lavis_vpgtrans.datasets.checked import (CaptionDataset, CaptionEvalDataset, GQAEvalSet, GQATrainDataset,
+                                             NoCapsDataset, VQADataset, VQAEvalDataset)
 
 
 @registry.register_builder("vpgtrans_coco_caption")
 class COCOCaptionBenchmarkBuilder(LocalFilesBuilder):
-    train_dataset_cls = COCOCapDataset
-    eval_dataset_cls = COCOCapEvalDataset
+    train_dataset_cls = CaptionDataset
+    eval_dataset_cls = CaptionEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/coco_caption/defaults.yaml"}
 
 
 @registry.register_builder("vpgtrans_nocaps")
 class NoCapsBenchmarkBuilder(LocalFilesBuilder):
-    eval_dataset_cls = NoCapsEvalDataset
+    eval_dataset_cls = NoCapsDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/nocaps/defaults.yaml"}
 
 
 @registry.register_builder("vpgtrans_vqav2")
 class VQAv2BenchmarkBuilder(LocalFilesBuilder):
-    train_dataset_cls = COCOVQADataset
-    eval_dataset_cls = COCOVQAEvalDataset
+    train_dataset_cls = VQADataset
+    eval_dataset_cls = VQAEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/vqav2/defaults.yaml"}
 
 
 @registry.register_builder("vpgtrans_okvqa")
 class OKVQABenchmarkBuilder(LocalFilesBuilder):
-    train_dataset_cls = COCOVQADataset
-    eval_dataset_cls = COCOVQAEvalDataset
+    train_dataset_cls = VQADataset
+    eval_dataset_cls = VQAEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/okvqa/defaults.yaml"}
 
 
 @registry.register_builder("vpgtrans_gqa")
 class GQABenchmarkBuilder(LocalFilesBuilder):
-    train_dataset_cls = GQADataset
-    eval_dataset_cls = GQAEvalDataset
+    train_dataset_cls = GQATrainDataset
+    eval_dataset_cls = GQAEvalSet
     DATASET_CONFIG_DICT = {"default": "datasets/configs/gqa/defaults.yaml"}

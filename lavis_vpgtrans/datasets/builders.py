@@ -14,11 +14,10 @@ import os
 from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
-from lavis.datasets.datasets.coco_caption_datasets import COCOCapDataset, COCOCapEvalDataset
-from lavis.datasets.datasets.coco_vqa_datasets import COCOVQADataset, COCOVQAEvalDataset
-from lavis.datasets.datasets.image_text_pair_datasets import ImageTextPairDataset
 from omegaconf import ListConfig
 
+from lavis_vpgtrans.datasets.checked import (CaptionDataset, CaptionEvalDataset, CheckedSamples, ImageTextDataset,
+                                             VQADataset, VQAEvalDataset)
 from lavis_vpgtrans.toy import zoo
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,14 +37,29 @@ class LocalFilesBuilder(BaseDatasetBuilder):
         super().__init__(cfg)
         self._resolve_paths()
 
+    @staticmethod
+    def _run_cfg():
+        """The run section of the configuration being run, if any."""
+        configuration = registry.get("configuration", no_warning=True)
+        return getattr(configuration, "run_cfg", None) if configuration is not None else None
+
     def _root(self) -> str:
         """The dataset's data_root, else the run's `run.data_root`, else LAVIS's cache_root."""
         root = self.config.get("data_root", None)
         if not root:
-            configuration = registry.get("configuration", no_warning=True)
-            run_cfg = getattr(configuration, "run_cfg", None) if configuration is not None else None
+            run_cfg = self._run_cfg()
             root = run_cfg.get("data_root", None) if run_cfg is not None else None
         return zoo.resolve(root) if root else registry.get_path("cache_root")
+
+    def build(self):
+        """LAVIS's build; the training split skips and counts unreadable images where
+        `run.skip_bad_samples` is set (off by default: a bad image is an error)."""
+        datasets = super().build()
+        run_cfg = self._run_cfg()
+        skip = bool(run_cfg.get("skip_bad_samples", False)) if run_cfg is not None else False
+        if isinstance(datasets.get("train", None), CheckedSamples):
+            datasets["train"].skip_bad_samples = skip
+        return datasets
 
     def resolve_path(self, path: str) -> str:
         path = zoo.resolve(os.path.expanduser(str(path)))
@@ -87,8 +101,8 @@ class LocalFilesBuilder(BaseDatasetBuilder):
 class ToyCaptionBuilder(LocalFilesBuilder):
     """Toy-world captions: LAVIS caption json + COCO-format ground truth for val/test."""
 
-    train_dataset_cls = COCOCapDataset
-    eval_dataset_cls = COCOCapEvalDataset
+    train_dataset_cls = CaptionDataset
+    eval_dataset_cls = CaptionEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/caption.yaml"}
 
 
@@ -96,8 +110,8 @@ class ToyCaptionBuilder(LocalFilesBuilder):
 class ToyVQABuilder(LocalFilesBuilder):
     """Toy-world VQA in the VQAv2 layout (10 answers, official question/annotation files)."""
 
-    train_dataset_cls = COCOVQADataset
-    eval_dataset_cls = COCOVQAEvalDataset
+    train_dataset_cls = VQADataset
+    eval_dataset_cls = VQAEvalDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/vqa.yaml"}
 
 
@@ -105,7 +119,7 @@ class ToyVQABuilder(LocalFilesBuilder):
 class COCOCaptionTrainBuilder(LocalFilesBuilder):
     """COCO captions, Karpathy train split only (evaluation splits: vpgtrans_coco_caption)."""
 
-    train_dataset_cls = COCOCapDataset
+    train_dataset_cls = CaptionDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/coco_caption_train/defaults.yaml"}
 
 
@@ -113,7 +127,7 @@ class COCOCaptionTrainBuilder(LocalFilesBuilder):
 class SBUCaptionBuilder(LocalFilesBuilder):
     """SBU captions (LAVIS's sbu.json + images), training only: the paper's stage-1 data."""
 
-    train_dataset_cls = ImageTextPairDataset
+    train_dataset_cls = ImageTextDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/sbu_caption/defaults.yaml"}
 
 
@@ -121,7 +135,7 @@ class SBUCaptionBuilder(LocalFilesBuilder):
 class VGCaptionBuilder(LocalFilesBuilder):
     """Visual Genome region captions (LAVIS's vg_caption.json + images), training only."""
 
-    train_dataset_cls = ImageTextPairDataset
+    train_dataset_cls = ImageTextDataset
     DATASET_CONFIG_DICT = {"default": "datasets/configs/vg_caption/defaults.yaml"}
 
 

@@ -38,6 +38,15 @@ from torch.utils.data.dataset import ChainDataset
 
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_trained_state, save_checkpoint_atomic
 from lavis_vpgtrans.common.config import PluginConfig
+from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
+
+
+def job_dir_of(run_cfg, job_id) -> Path:
+    """<run.output_dir>/<job_id>, a relative output_dir taken from the working directory."""
+    output_dir = Path(run_cfg.output_dir).expanduser()
+    if not output_dir.is_absolute():
+        output_dir = Path.cwd() / output_dir
+    return output_dir / str(job_id)
 
 
 @registry.register_runner("runner_vpgtrans_base")
@@ -47,15 +56,15 @@ class PortableRunner(RunnerBase):
 
     def __init__(self, cfg, task, model, datasets, job_id):
         self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
+        # what the loop decides with; saved in every checkpoint and restored on resume
+        self.best_agg_metric, self.best_epoch = -math.inf, 0
+        self.run_id = new_run_id(job_id)  # a resumed run takes its checkpoint's
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
 
     # ------------------------------------------------------------------ setup
 
     def setup_output_dir(self):
-        output_dir = Path(self.config.run_cfg.output_dir).expanduser()
-        if not output_dir.is_absolute():
-            output_dir = Path.cwd() / output_dir
-        output_dir = output_dir / self.job_id
+        output_dir = job_dir_of(self.config.run_cfg, self.job_id)
         result_dir = output_dir / "result"
         result_dir.mkdir(parents=True, exist_ok=True)
         # Direct assignment: registry.register_path refuses to overwrite, so a second runner
@@ -89,32 +98,31 @@ class PortableRunner(RunnerBase):
 
     def train(self):
         start_time = time.time()
-        best_agg_metric, best_epoch = -math.inf, 0
         self.log_config()
+        revalidate = False
         if not self.evaluate_only and self.resume_ckpt_path is not None:
-            self._load_checkpoint(self.resume_ckpt_path)
+            revalidate = self._load_checkpoint(self.resume_ckpt_path)
+            self._check_resume_fits()
 
         cur_epoch = self.start_epoch
         for cur_epoch in range(self.start_epoch, self.max_epoch):
             if not self.evaluate_only:
-                logging.info("Start training epoch %d", cur_epoch)
-                self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
-                self._save_checkpoint(cur_epoch, is_best=False)
+                if revalidate:  # the checkpoint holds this epoch's training; its validation did not finish
+                    logging.info("Epoch %d was trained but not validated before the run stopped: validating it",
+                                 cur_epoch)
+                    revalidate = False
+                else:
+                    logging.info("Start training epoch %d", cur_epoch)
+                    self.log_stats(split_name="train", stats=self.train_epoch(cur_epoch))
+                    self.report_skipped(cur_epoch)
+                    self._save_checkpoint(cur_epoch, validated=not self.validates)
 
-            for split_name in self.valid_splits:
-                logging.info("Evaluating on %s.", split_name)
-                val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
-                if val_log is None:  # non-main ranks: metrics are computed on rank 0
-                    continue
-                agg_metrics = val_log["agg_metrics"]
-                if split_name == self.valid_splits[0] and agg_metrics > best_agg_metric:
-                    best_epoch, best_agg_metric = cur_epoch, agg_metrics
-                    if not self.evaluate_only:
-                        self._save_checkpoint(cur_epoch, is_best=True)
-                self.log_metrics(cur_epoch, self.benchmark_name, split_name, val_log)
-                val_log.update({"best_epoch": best_epoch, "epoch": cur_epoch})
-                self.log_stats(val_log, split_name)
-            self.validate_extra_benchmarks(cur_epoch)
+            improved = self.validate_epoch(cur_epoch)
+            if not self.evaluate_only and self.validates:
+                if improved:
+                    self._save_checkpoint(cur_epoch, is_best=True, validated=True)
+                # the same weights again, now marked validated with the best score so far
+                self._save_checkpoint(cur_epoch, validated=True)
 
             if self.evaluate_only:
                 break
@@ -124,6 +132,28 @@ class PortableRunner(RunnerBase):
         test_epoch = "best" if self.valid_splits and not self.evaluate_only else cur_epoch
         self.evaluate(cur_epoch=test_epoch, skip_reload=self.evaluate_only)
         logging.info("Training time %s", datetime.timedelta(seconds=int(time.time() - start_time)))
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.valid_splits or self.extra_benchmarks)
+
+    def validate_epoch(self, cur_epoch) -> bool:
+        """Every validation of an epoch, logged to metrics.jsonl; True when the primary split's
+        agg_metrics beat the best so far (self.best_agg_metric / best_epoch are updated)."""
+        improved = False
+        for split_name in self.valid_splits:
+            logging.info("Evaluating on %s.", split_name)
+            val_log = self.eval_epoch(split_name=split_name, cur_epoch=cur_epoch)
+            if val_log is None:  # non-main ranks: metrics are computed on rank 0
+                continue
+            agg_metrics = val_log["agg_metrics"]
+            if split_name == self.valid_splits[0] and agg_metrics > self.best_agg_metric:
+                self.best_epoch, self.best_agg_metric, improved = cur_epoch, agg_metrics, True
+            self.log_metrics(cur_epoch, self.benchmark_name, split_name, val_log)
+            val_log.update({"best_epoch": self.best_epoch, "epoch": cur_epoch})
+            self.log_stats(val_log, split_name)
+        self.validate_extra_benchmarks(cur_epoch)
+        return improved
 
     def evaluate(self, cur_epoch="best", skip_reload=False):
         test_logs = {}
@@ -188,6 +218,15 @@ class PortableRunner(RunnerBase):
             lr_scheduler=self.lr_scheduler, cuda_enabled=self.cuda_enabled, log_freq=self.log_freq,
             accum_grad_iters=self.accum_grad_iters)
 
+    def report_skipped(self, epoch):
+        """Training images skipped as unreadable this epoch (run.skip_bad_samples)."""
+        train = self.datasets.get("train", None)
+        parts = train if isinstance(train, (list, tuple)) else getattr(train, "datasets", [train])
+        skipped = sum(d.take_skipped() for d in parts if hasattr(d, "take_skipped"))
+        if skipped:
+            logging.warning("epoch %d: %d unreadable training image(s) skipped (run.skip_bad_samples; each is "
+                            "named in a warning above)", epoch, skipped)
+
     def seed_epoch(self, epoch):
         """Seeds python, numpy and torch from (seed, epoch, rank): an epoch's dropout and
         augmentation do not depend on what ran before it, so resuming repeats it exactly."""
@@ -215,7 +254,7 @@ class PortableRunner(RunnerBase):
     @main_process
     def log_metrics(self, epoch, benchmark, split, metrics):
         """One line of metrics.jsonl, read by lavis_vpgtrans.analysis.speedup."""
-        record = {"epoch": epoch, "paper_epoch": self.paper_epoch_of(epoch), "stage": self.stage_of(epoch),
+        record = {"run_id": self.run_id, "epoch": epoch, "paper_epoch": self.paper_epoch_of(epoch), "stage": self.stage_of(epoch),
                   "benchmark": benchmark, "split": split,
                   "metrics": {k: v for k, v in metrics.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
@@ -366,7 +405,7 @@ class PortableRunner(RunnerBase):
         return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
     @main_process
-    def _save_checkpoint(self, cur_epoch, is_best=False):
+    def _save_checkpoint(self, cur_epoch, is_best=False, validated=False):
         save_obj = {
             "model": self.trainable_state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -375,6 +414,8 @@ class PortableRunner(RunnerBase):
             "epoch": cur_epoch,
             "stage": self.stage_of(cur_epoch),
             "iters": (cur_epoch + 1) * (self.iters_per_inner_epoch or len(self.train_loader)),
+            "loop": {"run_id": self.run_id, "validated": bool(validated), "best_epoch": self.best_epoch,
+                     "best_agg_metric": None if self.best_agg_metric == -math.inf else float(self.best_agg_metric)},
         }
         save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
@@ -389,13 +430,49 @@ class PortableRunner(RunnerBase):
         load_trained_state(model, load_checkpoint_file(checkpoint_path)["model"], checkpoint_path)
         return model
 
-    def _load_checkpoint(self, url_or_filename):
-        """Resume: model (trainable part), optimizer, scaler and epoch."""
+    def _load_checkpoint(self, url_or_filename) -> bool:
+        """Resume: model (trainable part), optimizer, scaler, epoch and the loop's state (run id,
+        best score, whether the epoch was validated). Returns True when the checkpoint's epoch
+        must be validated again (its validation did not finish)."""
         checkpoint = load_checkpoint_file(url_or_filename)
         self.prepare_resume(checkpoint)
         load_trained_state(self.unwrap_dist_model(self.model), checkpoint["model"], url_or_filename)
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
-        self.start_epoch = checkpoint["epoch"] + 1
-        logging.info("Resume checkpoint from %s", url_or_filename)
+        self.resumed_epoch = int(checkpoint["epoch"])
+        loop = checkpoint.get("loop", None)
+        if loop is None:
+            logging.warning("%s predates the loop state in checkpoints: its best score is unknown, so the "
+                            "first epoch after resuming becomes checkpoint_best.pth", url_or_filename)
+            revalidate = False
+        else:
+            self.run_id = loop["run_id"]
+            self.best_epoch = int(loop["best_epoch"])
+            best = loop["best_agg_metric"]
+            self.best_agg_metric = -math.inf if best is None else float(best)
+            revalidate = not loop["validated"] and self.validates
+        self.start_epoch = self.resumed_epoch + (0 if revalidate else 1)
+        self._check_metrics_run_id()
+        logging.info("Resume checkpoint from %s (run %s, epoch %d%s; best %s at epoch %d)", url_or_filename,
+                     self.run_id, self.resumed_epoch, ", to validate again" if revalidate else "",
+                     self.best_agg_metric, self.best_epoch)
+        return revalidate
+
+    @main_process
+    def _check_metrics_run_id(self):
+        """A resumed run appends to metrics.jsonl only where it holds this run's records."""
+        path = os.path.join(self.output_dir, METRICS_FILE)
+        others = [i for i in run_ids_in(path) if i != self.run_id]
+        if others:
+            raise RunDirError(f"{path} holds run(s) {', '.join(others) or '(no run id)'}, but the checkpoint "
+                              f"resumed is run {self.run_id}: resume into another run.output_dir or run.job_id")
+
+    def _check_resume_fits(self):
+        if self.resumed_epoch >= self.max_epoch:
+            raise ValueError(f"run.resume_ckpt_path={self.resume_ckpt_path} is epoch {self.resumed_epoch} "
+                             f"(0-based) but run.max_epoch={self.max_epoch}: there is nothing to train; "
+                             f"raise run.max_epoch to continue the run")
+        if self.start_epoch >= self.max_epoch:
+            logging.warning("the resumed checkpoint is the last epoch (run.max_epoch=%d), already validated: "
+                            "nothing to train, only the test splits run", self.max_epoch)

@@ -187,3 +187,39 @@ def test_browser_upload_errors_and_a_chat_turn(server, engine, files):
         assert shown and QUESTION in shown, browser.text("#chatbot")
     finally:
         browser.close()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height pixels (PIL reads the size from the header alone)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_a_png_bomb_is_refused_as_too_many_pixels(engine, tmp_path):
+    from lavis_vpgtrans.chat.web import on_upload
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(20000, 20000))
+    state, preview, status, _, _ = on_upload(engine, str(bomb), None)
+    assert state is None and preview is None
+    assert status.startswith("**Error:** bomb.png has too many pixels (the limit is 40,000,000 pixels)")
+
+
+def test_uploads_are_deleted_when_the_server_stops(engine, files):
+    from lavis_vpgtrans.chat.web import launch, shutdown
+
+    demo = launch(engine, port=free_port(), block=False)
+    try:
+        status, text = post_file(demo.local_url + "gradio_api/upload", files["small"])
+        assert status == 200
+        stored = json.loads(text)[0]
+        assert stored.startswith(demo.upload_dir + os.sep) and os.path.isfile(stored)
+    finally:
+        shutdown(demo)
+    assert not os.path.exists(demo.upload_dir)

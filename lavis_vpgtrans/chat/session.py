@@ -37,7 +37,9 @@ def open_image(path: str, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
             return image.convert("RGB")
     except ImageInputError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
+    except Image.DecompressionBombError as e:  # PIL refuses to open far over its own pixel limit
+        raise ImageInputError(f"{name} has too many pixels (the limit is {max_pixels:,} pixels): {e}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"{name} is not an image file that can be read (JPEG, PNG, WebP, ...): "
                               f"{type(e).__name__}") from None
 

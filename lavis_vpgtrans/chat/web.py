@@ -12,9 +12,12 @@ the per-browser ChatState, so they work (and are tested) without a browser.
 """
 
 import argparse
+import atexit
 import logging
 import os
+import shutil
 import sys
+import tempfile
 from typing import List, Optional, Tuple
 
 from lavis_vpgtrans.chat.session import (ChatEngine, ChatState, ImageInputError, add_generation_args,
@@ -26,6 +29,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 READY = "Image **{}** loaded. Ask a question about it."
 NO_IMAGE = "Upload an image (JPEG, PNG, WebP, ...) to start."
+UPLOAD_MAX_AGE_S = 600
 
 
 def error_text(message: str) -> str:
@@ -80,7 +84,8 @@ def build_demo(engine: ChatEngine, title: str = "VL-Vicuna"):
     import gradio as gr
 
     limit_mb = engine.max_image_bytes / 2**20
-    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+    # uploads older than UPLOAD_MAX_AGE_S are deleted every minute (the image in use is in memory)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(60, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown(f"# {title}\nUpload an image (at most {limit_mb:.3g} MB), then ask about it.")
         state = gr.State(None)
         with gr.Row():
@@ -110,12 +115,24 @@ def launch(engine: ChatEngine, host: str = DEFAULT_HOST, port: Optional[int] = D
     if host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s: anyone who can reach this address can use the model "
                        "(there is no authentication)", host)
+    # this server's own upload folder (Gradio's default, /tmp/gradio, is shared and never emptied),
+    # removed by shutdown() and at exit
+    upload_dir = tempfile.mkdtemp(prefix="vpgtrans_web_")
+    os.environ["GRADIO_TEMP_DIR"] = upload_dir
+    atexit.register(shutil.rmtree, upload_dir, True)
     demo = build_demo(engine)
+    demo.upload_dir = upload_dir
     demo.queue(default_concurrency_limit=1)  # one generation at a time on the shared model
     demo.launch(server_name=host, server_port=port, share=False, inbrowser=False, show_api=False,
                 max_file_size=engine.max_image_bytes, prevent_thread_lock=not block, quiet=True,
                 **launch_kwargs)
     return demo
+
+
+def shutdown(demo) -> None:
+    """Stops the server and deletes its uploads."""
+    demo.close()
+    shutil.rmtree(demo.upload_dir, ignore_errors=True)
 
 
 def parse_args(argv=None):
@@ -134,7 +151,10 @@ def main(argv=None) -> int:
     engine = engine_from_args(args)
     demo = launch(engine, host=args.host, port=args.port, block=False)
     print(f"serving on {demo.local_url}", file=sys.stderr, flush=True)
-    demo.block_thread()
+    try:
+        demo.block_thread()
+    finally:
+        shutdown(demo)
     return 0
 
 

@@ -234,3 +234,35 @@ def test_a_checkpoint_write_killed_midway_leaves_no_temporary_for_good(tmp_path)
     assert not dead.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "checkpoint_0.pth"]
     assert torch.equal(torch.load(tmp_path / "checkpoint_0.pth", weights_only=True)["model"]["w"], torch.ones(2))
+
+
+def test_the_converter_never_overwrites_its_input_nor_an_existing_out(tmp_path, capsys):
+    from lavis_vpgtrans.transfer.converter import main
+
+    projector = tmp_path / "blip2_opt.pth"
+    torch.save({"model": {"opt_proj.weight": torch.ones(4, 3), "opt_proj.bias": torch.zeros(4)}}, projector)
+    original = projector.read_bytes()
+    # the refusals come before the LLMs are read: these directories do not even exist
+    argv = ["--src", str(tmp_path / "no-src"), "--tgt", str(tmp_path / "no-tgt"), "--projector", str(projector)]
+
+    for extra in ([], ["--overwrite"]):
+        assert main(argv + ["--out", str(projector), *extra]) == 2
+        assert "is the input --projector; the converter never overwrites its input" in capsys.readouterr().err
+        assert projector.read_bytes() == original
+    link = tmp_path / "link.pth"
+    link.symlink_to(projector)
+    assert main(argv + ["--out", str(link), "--overwrite"]) == 2
+    assert "never overwrites its input" in capsys.readouterr().err
+
+    existing = tmp_path / "init.pth"
+    existing.write_bytes(b"an earlier result")
+    assert main(argv + ["--out", str(existing)]) == 2
+    assert f"--out {existing} exists; pass --overwrite to replace it" in capsys.readouterr().err
+    assert existing.read_bytes() == b"an earlier result"
+
+    assert main(argv + ["--out", str(existing / "under_a_file.pth")]) == 2
+    assert "its directory cannot be written" in capsys.readouterr().err
+    # with --overwrite the checks pass and the run goes on to read the (missing) LLMs
+    assert main(argv + ["--out", str(existing), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "model directory not found" in err and "--out" not in err

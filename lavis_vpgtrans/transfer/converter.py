@@ -27,7 +27,9 @@ Mistral, Gemma, ...) gets the generic blip2_causal_lm.
 import argparse
 import logging
 import math
+import os
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
@@ -386,10 +388,33 @@ def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Te
     return name, weight.detach().clone(), bias.detach().clone()
 
 
+def check_out_path(out: str, projector: str, overwrite: bool) -> None:
+    """Before any work: `out` is not the input projector file (not even with overwrite), not an
+    existing file unless `overwrite`, and its directory can be written -- so nothing is lost
+    and no fit is wasted on an output that cannot be saved."""
+    if os.path.isdir(out):
+        raise TransferError(f"--out {out} is a directory; give the output .pth file")
+    if os.path.exists(out) and os.path.isfile(projector) and os.path.samefile(out, projector):
+        raise TransferError(f"--out {out} is the input --projector; the converter never overwrites its input, "
+                            f"choose another --out")
+    if os.path.exists(out) and not overwrite:
+        raise TransferError(f"--out {out} exists; pass --overwrite to replace it")
+    directory = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise TransferError(f"--out {out}: its directory cannot be written ({e.strerror or e})") from None
+
+
 def convert(cfg: ConverterConfig) -> Dict:
     """Runs the whole stage-1(b) initialisation; returns (and, with cfg.out, writes) the
-    projector checkpoint {"model": {...}, "metadata": {...}}."""
+    projector checkpoint {"model": {...}, "metadata": {...}}. An existing cfg.out is replaced
+    (the command line asks for --overwrite first), the input projector never."""
     cfg.check()
+    if cfg.out:
+        check_out_path(cfg.out, cfg.projector, overwrite=True)
     timings, clock = {}, time.perf_counter()
 
     def lap(what):  # wall time per phase, kept in the metadata
@@ -487,7 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--tgt", required=True, help="target LLM: local HF directory or hub id")
     io.add_argument("--projector", required=True,
                     help="checkpoint (.pth / .safetensors, path or URL) holding the source projector")
-    io.add_argument("--out", required=True, help="output .pth, loaded by the models as projector_checkpoint")
+    io.add_argument("--out", required=True, help="output .pth, loaded by the models as projector_checkpoint "
+                                                 "(never the --projector file)")
+    io.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     names = p.add_argument_group("projector names (by the model class's projector name)")
     names.add_argument("--src-arch", help="source model architecture (e.g. blip2_opt); default: the single "
                                           "known projector present in --projector")
@@ -521,10 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    overwrite = args.__dict__.pop("overwrite")
     cfg = ConverterConfig(**{k: v for k, v in vars(args).items()})
     from lavis_vpgtrans.common.checkpoint import CheckpointError
 
     try:
+        check_out_path(cfg.out, cfg.projector, overwrite)
         checkpoint = convert(cfg)
     except (TransferError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -218,6 +218,24 @@ def test_data_errors_name_the_file_and_the_record(tmp_path, plugin):
     assert skipping.take_skipped() == 2 and skipping.take_skipped() == 0
 
 
+def test_a_training_epoch_skips_and_reports_unreadable_images(tmp_path, plugin, caplog):
+    from lavis_vpgtrans.cli import build
+
+    good = toy_train_set(tmp_path)
+    record = dict(good.annotation[0], image=os.path.join(good.vis_root, good.annotation[0]["image"]))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(open(record["image"], "rb").read()[:-200])
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps([record, {**record, "image": str(truncated)}, record, record]))
+    runner = build(["--cfg-path", CAPTION_CFG, "--options", f"run.output_dir={tmp_path}", "run.job_id=run",
+                    f"datasets.toy_caption.build_info.annotations.train.storage={ann}", "run.skip_bad_samples=True",
+                    "run.batch_size_train=2", "run.valid_splits=[]", "run.test_splits=[]"], "test", evaluate=False)
+    with caplog.at_level("WARNING"):
+        runner.train()
+    assert f"image {truncated}" in caplog.text
+    assert "epoch 0: 1 unreadable training image(s) skipped" in caplog.text
+
+
 def test_a_missing_llm_directory_is_named(plugin, tmp_path):
     with pytest.raises(FileNotFoundError, match=rf"model.llm_model={tmp_path}/opt-6.7b: no such directory"):
         checked(f"model.llm_model={tmp_path}/opt-6.7b")

@@ -72,7 +72,8 @@ def check_fresh_run_dir(job_dir: str) -> None:
         leftovers.insert(0, f"{METRICS_FILE} of run {', '.join(ids) or '(no run id)'}")
     if leftovers:
         raise RunDirError(f"{job_dir} already holds an earlier run ({', '.join(leftovers)}): resume it with "
-                          f"run.resume_ckpt_path, or set another run.output_dir or run.job_id")
+                          f"run.resume_ckpt_path, remove the directory to start over, or set another "
+                          f"run.output_dir or run.job_id")
 
 
 def run_ids_in(metrics_file: str) -> List[str]:

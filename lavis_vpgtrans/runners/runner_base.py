@@ -12,6 +12,7 @@ Fixes, each where LAVIS 1.0.2 breaks:
 """
 
 import datetime
+import functools
 import json
 import logging
 import math
@@ -39,6 +40,16 @@ from torch.utils.data.dataset import ChainDataset
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_trained_state, save_checkpoint_atomic
 from lavis_vpgtrans.common.config import PluginConfig
 from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
+
+
+def _without_skipped(collate, samples):
+    return collate([s for s in samples if s is not None])
+
+
+def _dropping_skipped(collate):
+    """A collate function that drops the samples a dataset skipped (None, run.skip_bad_samples),
+    also where LAVIS's ConcatDataset.collater (several training sets) would fail on them."""
+    return None if collate is None else functools.partial(_without_skipped, collate)
 
 
 def job_dir_of(run_cfg, job_id) -> Path:
@@ -346,7 +357,7 @@ class PortableRunner(RunnerBase):
             split_names = sorted(self.datasets)
             datasets = [self.datasets[s] for s in split_names]
             collate_fns = [[getattr(d, "collater", None) for d in ds] if isinstance(ds, (list, tuple))
-                           else getattr(ds, "collater", None) for ds in datasets]
+                           else _dropping_skipped(getattr(ds, "collater", None)) for ds in datasets]
             loaders = self.create_loaders(
                 datasets=datasets, num_workers=self.config.run_cfg.num_workers,
                 batch_sizes=[self.config.run_cfg.batch_size_train if s == "train"

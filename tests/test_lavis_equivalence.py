@@ -228,7 +228,9 @@ def our_t5(stock_t5, tmp_path_factory):
 
 
 def test_t5_runs_with_lavis_exact_gelu_and_its_eos(our_t5):
-    assert our_t5.llm_model.config.dense_act_fn == "gelu"  # LAVIS: t5_config.dense_act_fn = "gelu"
+    # LAVIS: t5_config.dense_act_fn = "gelu"; with transformers' gelu_new the loss below differs
+    # from stock LAVIS by ~3e-5 on the toy T5
+    assert our_t5.llm_model.config.dense_act_fn == "gelu"
     assert our_t5.end_sym is None and our_t5.end_token_id == our_t5.llm_tokenizer.eos_token_id
 
 

@@ -145,6 +145,8 @@ def checked(*options, cfg_path=CAPTION_CFG):
                                           r"did you mean 'linear_warmup_cosine_lr'\?"),
     ("run.runner=runner_vpgtrans_bse", r"run.runner='runner_vpgtrans_bse' is not registered; did you mean "
                                        r"'runner_vpgtrans_base'\?"),
+    ("model.arch=blip2_opt_tranfer", r"model.arch='blip2_opt_tranfer' is not registered; did you mean "
+                                     r"'blip2_opt_transfer'\?"),
     ("run.task=vpgtrans_captionig", r"run.task='vpgtrans_captionig' is not registered; did you mean "
                                     r"'vpgtrans_captioning'\?"),
 ])

@@ -52,6 +52,10 @@ class PluginConfig(Config):
         overrides = {k: user_model[k] for k in ("arch", "model_type") if k in user_model}
         if overrides:
             config = OmegaConf.merge(config, {"model": overrides})
+        model = config.get("model", None)
+        if model is None:
+            raise KeyError("the config has no 'model' section")
+        _registered("model", model.get("arch", None), "model.arch")  # LAVIS: a bare assert
         return Config.build_model_config(config)
 
 

@@ -73,15 +73,15 @@ _METHODS = {"get", "pop", "keys", "items", "values", "copy", "setdefault", "upda
 
 
 def keys_read(objs, holder: str) -> set:
+    """The keys the source of `objs` (classes, with their bases, or modules) reads from a config
+    node named `holder` (the last part of the expression: `self.config.run_cfg` and `run_cfg`
+    are both "run_cfg"): `holder.get("k")`, `holder["k"]`, `holder.k`. What is accepted is
+    what the code reads, so a class registered by a user is covered as soon as it is loaded."""
     return set().union(*(_keys_read_one(obj, holder) for obj in objs))
 
 
 @functools.lru_cache(maxsize=None)
 def _keys_read_one(obj, holder: str) -> frozenset:
-    """The keys the source of `objs` (classes, with their bases, or modules) reads from a config
-    node named `holder` (the last part of the expression: `self.config.run_cfg` and `run_cfg`
-    are both "run_cfg"): `holder.get("k")`, `holder["k"]`, `holder.k`. What is accepted is
-    what the code reads, so a class registered by a user is covered as soon as it is loaded."""
     import ast
     import inspect
     import textwrap
@@ -158,8 +158,9 @@ def check_config(cfg) -> None:
             if key in elsewhere:  # e.g. a baseline extending a two-stage config with a one-stage runner
                 logging.warning("config key %r is not read by this run's runner, task or builders: ignored", dotted)
                 continue
-            raise ConfigKeyError(f"unknown config key {dotted!r}{_closest(str(key), set(known) | set(elsewhere))} (if your own "
-                                     f"code reads it, list it in run.unchecked_keys)")
+            hint = _closest(str(key), set(known) | set(elsewhere))
+            raise ConfigKeyError(f"unknown config key {dotted!r}{hint} (if your own code reads it, list it in "
+                                 f"run.unchecked_keys)")
 
     known_run = keys_read([runner_cls, task_cls, cli, plugin_dist, lavis.tasks, *builders.values()],
                           "run_cfg") | {"unchecked_keys"}

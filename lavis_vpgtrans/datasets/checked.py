@@ -56,10 +56,17 @@ class CheckedSamples:
         self.ann_paths = list(kwargs.get("ann_paths", args[3] if len(args) > 3 else []))
         self.skipped = multiprocessing.Value("i", 0)  # shared with DataLoader worker processes
 
+    def image_path(self, ann):
+        """The image file of an annotation record, as LAVIS's datasets join it."""
+        image = ann.get("image", None) if isinstance(ann, dict) else None
+        return os.path.join(getattr(self, "vis_root", "") or "", image) if image else None
+
     def _where(self, index) -> str:
         ann = self.annotation[index]
-        image = ann.get("image", None) if isinstance(ann, dict) else None
-        image_path = os.path.join(getattr(self, "vis_root", "") or "", image) if image else None
+        try:
+            image_path = self.image_path(ann)
+        except (KeyError, TypeError):
+            image_path = None
         record = json.dumps(ann, default=str)
         record = record if len(record) <= 300 else record[:300] + "..."
         return (f"record {index} of {', '.join(self.ann_paths) or type(self).__name__}"

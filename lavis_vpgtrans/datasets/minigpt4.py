@@ -11,7 +11,6 @@ and Blip2Vicuna (conv_template set) renders it as
     ###Human: <Img><ImageHere></Img> {text_input} ###Assistant: {text_output}###
 """
 
-import json
 import logging
 import os
 import random
@@ -22,6 +21,7 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from PIL import Image
 
 from lavis_vpgtrans.datasets.builders import LocalFilesBuilder
+from lavis_vpgtrans.datasets.checked import CheckedSamples, load_annotation_file
 
 # MiniGPT-4's stage-2 instructions (its prompts/alignment.txt, without the image tag, which
 # the conversation template adds).
@@ -47,8 +47,7 @@ def clean_instructions(lines: Sequence[str], source: str) -> List[str]:
 
 
 def read_annotations(path: str) -> List[dict]:
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+    data = load_annotation_file(path)
     records = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected MiniGPT-4's format "
@@ -61,10 +60,11 @@ def read_annotations(path: str) -> List[dict]:
     return records
 
 
-class MiniGPT4InstructDataset(BaseDataset):
+class MiniGPT4InstructDataset(CheckedSamples, BaseDataset):
     def __init__(self, vis_processor=None, text_processor=None, vis_root=None, ann_paths=(),
                  instructions: Sequence[str] = MINIGPT4_INSTRUCTIONS, image_ext: str = ".jpg"):
         super().__init__(vis_processor=vis_processor, text_processor=text_processor, vis_root=vis_root, ann_paths=[])
+        self.ann_paths = list(ann_paths)  # named in sample errors (CheckedSamples)
         self.annotation = [rec for path in ann_paths for rec in read_annotations(path)]
         if not self.annotation:
             raise ValueError(f"no annotations in {list(ann_paths)}")

@@ -9,7 +9,6 @@ Each sample is {"text_input": processed sentence}. Paths resolve as in LocalFile
 ("toy:...", absolute, or relative to the dataset's / the run's `data_root`).
 """
 
-import json
 import logging
 import os
 from typing import List
@@ -19,6 +18,7 @@ from lavis.datasets.datasets.base_dataset import BaseDataset
 from omegaconf import ListConfig
 
 from lavis_vpgtrans.datasets.builders import LocalFilesBuilder
+from lavis_vpgtrans.datasets.checked import load_annotation_file
 
 TEXT_FIELDS = ("caption", "text", "sentence")
 
@@ -29,8 +29,7 @@ def read_sentences(path: str) -> List[str]:
             return [line.strip() for line in f if line.strip()]
     if not path.endswith(".json"):
         raise ValueError(f"sentence file {path}: expected a .txt or .json file")
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)
+    records = load_annotation_file(path)
     if not isinstance(records, list):
         raise ValueError(f"sentence file {path}: expected a json list, got {type(records).__name__}")
     sentences = []

@@ -129,6 +129,17 @@ def test_metrics_of_two_runs_in_one_file_are_refused(tmp_path):
     assert [r.run_id for r in run.records] == ["run-aaaa"] * 3
 
 
+def test_a_hole_in_a_runs_epochs_is_reported(tmp_path):
+    from lavis_vpgtrans.analysis.speedup import MissingEpochWarning, load_run
+
+    with open(tmp_path / "metrics.jsonl", "w") as f:
+        for epoch in (0, 1, 3):
+            f.write(json.dumps({"run_id": "run-aaaa", "epoch": epoch, "paper_epoch": epoch + 1, "stage": 2,
+                                "benchmark": "coco_caption", "split": "val", "metrics": {"agg_metrics": 0.5}}) + "\n")
+    with pytest.warns(MissingEpochWarning, match=r"coco_caption has no record of epoch\(s\) 2 between epochs 0 and 3"):
+        load_run(str(tmp_path))
+
+
 def checked(*options, cfg_path=CAPTION_CFG):
     import argparse
 

@@ -46,6 +46,11 @@ class LogError(ValueError):
     """Malformed or missing run log; the message names the file (and line)."""
 
 
+class MissingEpochWarning(UserWarning):
+    """A run's log skips an epoch it must have trained (e.g. a crash during validation, resumed
+    by a version that did not validate that epoch again): its curve has a hole."""
+
+
 class MissingBenchmarkWarning(UserWarning):
     """A benchmark evaluated in some of the compared runs but not in others."""
 
@@ -193,6 +198,17 @@ def _check_epochs(path: str, records: Sequence[Record]) -> None:
         previous = record
 
 
+def _warn_missing_epochs(path: str, records: Sequence[Record]) -> None:
+    epochs: Dict[str, set] = {}
+    for record in records:
+        epochs.setdefault(record.benchmark, set()).add(record.epoch)
+    for benchmark, seen in epochs.items():
+        missing = sorted(set(range(min(seen), max(seen) + 1)) - seen)
+        if missing:
+            warnings.warn(f"{path}: {benchmark} has no record of epoch(s) {', '.join(map(str, missing))} "
+                          f"between epochs {min(seen)} and {max(seen)}", MissingEpochWarning, stacklevel=3)
+
+
 def load_run(path: str, name: Optional[str] = None) -> Run:
     """Reads and validates a run's metrics.jsonl (`path`: the file, its directory, or the
     directory above a single job subdirectory)."""
@@ -206,6 +222,7 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         raise LogError(f"{metrics_file}: no evaluation records")
     _check_one_run(metrics_file, records)
     _check_epochs(metrics_file, records)
+    _warn_missing_epochs(metrics_file, records)
 
     splits: Dict[str, set] = {}
     for record in records:
@@ -508,6 +525,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingBenchmarkWarning)
+        warnings.simplefilter("always", MissingEpochWarning)
         try:
             metrics = _metric_choices(args.metric)
             named = {"tfs": _named_path(args.tfs, DEFAULT_NAMES["tfs"]),

@@ -88,6 +88,17 @@ def test_kill9_during_validation_then_resume_keeps_metrics_and_the_true_best(tmp
     with pytest.raises(ValueError, match=r"is epoch 1 \(0-based\) but run.max_epoch=1: there is nothing to train"):
         runner.train()
 
+    # nor does a resumed run append to another run's metrics.jsonl
+    from lavis_vpgtrans.runners.run_record import RunDirError
+
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "metrics.jsonl").write_text(json.dumps({**after[0], "run_id": "other-1234"}) + "\n")
+    runner = build(["--cfg-path", CAPTION_CFG, "--options", f"run.output_dir={tmp_path}", "run.job_id=other",
+                    *FAST, f"run.resume_ckpt_path={job / 'checkpoint_1.pth'}"], "test", evaluate=False)
+    with pytest.raises(RunDirError, match=rf"holds run\(s\) other-1234, but the checkpoint resumed is run "
+                                          rf"{after[0]['run_id']}"):
+        runner.train()
+
 
 def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_path, toy_zoo):
     from lavis_vpgtrans.cli import build

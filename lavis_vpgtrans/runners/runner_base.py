@@ -470,14 +470,22 @@ class PortableRunner(RunnerBase):
                      self.best_agg_metric, self.best_epoch)
         return revalidate
 
-    @main_process
     def _check_metrics_run_id(self):
-        """A resumed run appends to metrics.jsonl only where it holds this run's records."""
-        path = os.path.join(self.output_dir, METRICS_FILE)
-        others = [i for i in run_ids_in(path) if i != self.run_id]
-        if others:
-            raise RunDirError(f"{path} holds run(s) {', '.join(others) or '(no run id)'}, but the checkpoint "
-                              f"resumed is run {self.run_id}: resume into another run.output_dir or run.job_id")
+        """A resumed run appends to metrics.jsonl only where it holds this run's records
+        (checked by rank 0, which writes it; every rank raises)."""
+        error = None
+        if is_main_process():
+            path = os.path.join(self.output_dir, METRICS_FILE)
+            others = [i for i in run_ids_in(path) if i != self.run_id]
+            if others:
+                error = (f"{path} holds run(s) {', '.join(others) or '(no run id)'}, but the checkpoint resumed "
+                         f"is run {self.run_id}: resume into another run.output_dir or run.job_id")
+        if is_dist_avail_and_initialized():
+            holder = [error]
+            dist.broadcast_object_list(holder, src=0)
+            error = holder[0]
+        if error:
+            raise RunDirError(error)
 
     def _check_resume_fits(self):
         if self.resumed_epoch >= self.max_epoch:

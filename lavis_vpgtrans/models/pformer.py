@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, T5ForC
 
 from lavis_vpgtrans.common.checkpoint import load_trained_checkpoint
 from lavis_vpgtrans.models.pformer_encoder import PFORMER_MODEL_TYPES, PFormerEncoder
-from lavis_vpgtrans.models.vl_llm import DTYPES, Blip2VLLLM
+from lavis_vpgtrans.models.vl_llm import CLASS_DEFAULT, DTYPES, Blip2VLLLM, leading_special_ids
 from lavis_vpgtrans.toy import zoo
 
 logger = logging.getLogger(__name__)
@@ -82,8 +82,11 @@ class PFormer(BaseModel):
 
     # The VL-LLM's own tokenisation and autocast, so that the prompts are learned for the input
     # layout the LLM sees in stage 2. They read llm_tokenizer, max_txt_len and llm_dtype.
+    # They read llm_tokenizer, max_txt_len, llm_dtype, bos_ids, label_bos and end_sym.
     _tokenize_prefix_target = Blip2VLLLM._tokenize_prefix_target
     maybe_autocast = Blip2VLLLM.maybe_autocast
+    _set_end_of_text = Blip2VLLLM._set_end_of_text
+    default_end_sym = Blip2VLLLM.default_end_sym
 
     def __init__(
         self,
@@ -102,6 +105,11 @@ class PFormer(BaseModel):
             raise ValueError("pformer: `llm_model` (the LLM the prompts are for) is required")
         self.llm_tokenizer, self.llm_model, self.is_encoder_decoder = load_frozen_llm(llm_model, llm_precision)
         self.llm_dtype = DTYPES[llm_precision]
+        # The sentence ends and BOS as stage 2 lays out a caption for this LLM: the reference
+        # prompt is the one that makes the LLM produce the caption the way stage 2 trains it.
+        self._set_end_of_text(CLASS_DEFAULT)
+        self.bos_ids = [] if self.is_encoder_decoder else leading_special_ids(self.llm_tokenizer)
+        self.label_bos = True
         self.encoder = PFormerEncoder(bert_model, num_query_token, self.llm_model.config.hidden_size,
                                       prompt_width, max_txt_len)
         self.llm_model_name = llm_model

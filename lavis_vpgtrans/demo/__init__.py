@@ -5,7 +5,9 @@
 1. builds (or reuses) the toy world: the zoo's `demo` profile (synthetic image-caption / VQA
    data, OPT-family LMs at two sizes and a LLaMA-family LM pre-trained on its text, a tiny
    pre-trained ViT) and a BLIP-2 stage-1 Q-Former trained on it with `train.py`;
-2. trains the source VL model (VPG + projector on opt-small);
+2. trains the source VL model (VPG + projector on opt-small), once for all seeds, on the
+   world's source split (8x the images the transfers get, as the paper's source saw far more
+   data than a transfer);
 3. transfers to opt-large four ways -- train from scratch, VPG inherit, VPGTrans, VPGTrans
    without converter initialisation -- each validated every epoch on caption CIDEr and VQA
    accuracy;

@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=10, help="epochs of every transfer and baseline (default: 10)")
     # the paper transfers from a fully trained BLIP-2, trained on several times the transfer's
     # data: the source trains on the world's 8x larger source split (source.yaml)
-    p.add_argument("--source-epochs", type=int, default=5,
-                   help="epochs of the source model, shared by all seeds, on the source split (default: 5)")
+    p.add_argument("--source-epochs", type=int, default=8,
+                   help="epochs of the source model, shared by all seeds, on the source split (default: 8)")
     p.add_argument("--stage1-epochs", type=int, default=5,
                    help="epochs of BLIP-2 stage 1 for the train-from-scratch Q-Former (default: 5)")
     p.add_argument("--warmup-epochs", type=int, default=WARMUP_EPOCHS,

@@ -9,5 +9,5 @@ setup(
     description="VPGTrans (transfer a visual prompt generator across LLMs) and P-Former as a LAVIS plugin",
     packages=find_packages(include=["lavis_vpgtrans", "lavis_vpgtrans.*"]),
     package_data={"lavis_vpgtrans": ["**/*.yaml"]},
-    python_requires=">=3.9",
+    python_requires=">=3.10",
 )

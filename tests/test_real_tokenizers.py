@@ -144,12 +144,12 @@ def test_the_rebuilt_llama_tokenizer_is_llamas(llama_tokenizer):
     assert tok("\U0001F600", add_special_tokens=False).input_ids == [29871, 243, 162, 155, 131]  # byte fallback
     assert tok.decode(tok("Hello world, \u00bfqu\u00e9?\n").input_ids, skip_special_tokens=True) == \
         "Hello world, \u00bfqu\u00e9?\n"
-    # VL-Vicuna's "###" (DESIGN.md section 7): one piece at a word start, "##" + "#" after a word
+    # VL-Vicuna's "###": one piece at a word start, "##" + "#" after a word
     assert tok("###", add_special_tokens=False).input_ids == [835]
     assert tok("a###", add_special_tokens=False).input_ids[-2:] == [2277, 29937]
 
 
-# Shared tokens compared as bytes (DESIGN.md section 7): OPT-LLaMA 18,207 (byte-level BPE against
+# Shared tokens compared as bytes: OPT-LLaMA 18,207 (byte-level BPE against
 # SentencePiece), OPT-Llama-3 43,209, OPT-Qwen3 42,257. Our pairing never pairs special tokens by
 # text, only by role: GPT-2's <|endoftext|> (its bos, eos and unk) pairs with LLaMA's <s> </s>
 # <unk>, with Llama-3's <|begin_of_text|> and <|end_of_text|>, and with Qwen3's eos <|im_end|>,

@@ -1,4 +1,4 @@
-"""The VPGTrans recipe in one launch (paper section 3, DESIGN section 2):
+"""The VPGTrans recipe in one launch (paper section 3):
 
   stage 1, projector warm-up: epochs [0, warmup_epochs). The inherited VPG and the LLM are
       frozen; only the projector (initialised by the word-embedding converter) trains, at a

@@ -11,16 +11,15 @@ from datetime import datetime
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import lavis_vpgtrans  # noqa: F401  registers LAVIS and the plugin before the config is parsed
 import lavis.tasks as tasks
-from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized
+from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 from lavis.common.registry import registry
 
 from lavis_vpgtrans.common.config import PluginConfig, check_config
-from lavis_vpgtrans.common.dist import init_distributed_mode
+from lavis_vpgtrans.common.dist import from_rank0, init_distributed_mode
 from lavis_vpgtrans.runners.run_record import RunDirError, check_fresh_run_dir, claim_run_dir
 from lavis_vpgtrans.runners.runner_base import job_dir_of
 
@@ -47,12 +46,7 @@ def setup_seeds(cfg):
 
 def make_job_id(cfg) -> str:
     """run.job_id if set, else a timestamp agreed by all ranks (they may straddle a second)."""
-    job_id = cfg.run_cfg.get("job_id", None) or datetime.now().strftime("%Y%m%d%H%M%S")
-    if is_dist_avail_and_initialized():
-        holder = [job_id]
-        dist.broadcast_object_list(holder, src=0)
-        job_id = holder[0]
-    return str(job_id)
+    return str(from_rank0(cfg.run_cfg.get("job_id", None) or datetime.now().strftime("%Y%m%d%H%M%S")))
 
 
 def claim_output_dir(cfg, job_id, training):
@@ -67,10 +61,7 @@ def claim_output_dir(cfg, job_id, training):
                 check_fresh_run_dir(job_dir)
         except RunDirError as e:
             error = str(e)
-    if is_dist_avail_and_initialized():
-        holder = [error]
-        dist.broadcast_object_list(holder, src=0)
-        error = holder[0]
+    error = from_rank0(error)
     if error:
         raise RunDirError(error)
 

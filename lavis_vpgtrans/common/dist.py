@@ -46,3 +46,13 @@ def collective_device() -> torch.device:
     if dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (itself when not distributed): one decision, taken where
+    the files are written, that every rank then acts on alike (no rank left in a collective)."""
+    if dist.is_available() and dist.is_initialized():
+        holder = [value]
+        dist.broadcast_object_list(holder, src=0)
+        value = holder[0]
+    return value

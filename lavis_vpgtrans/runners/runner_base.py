@@ -39,6 +39,7 @@ from torch.utils.data.dataset import ChainDataset
 
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_trained_state, save_checkpoint_atomic
 from lavis_vpgtrans.common.config import PluginConfig
+from lavis_vpgtrans.common.dist import from_rank0
 from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
 
 
@@ -480,10 +481,7 @@ class PortableRunner(RunnerBase):
             if others:
                 error = (f"{path} holds run(s) {', '.join(others) or '(no run id)'}, but the checkpoint resumed "
                          f"is run {self.run_id}: resume into another run.output_dir or run.job_id")
-        if is_dist_avail_and_initialized():
-            holder = [error]
-            dist.broadcast_object_list(holder, src=0)
-            error = holder[0]
+        error = from_rank0(error)
         if error:
             raise RunDirError(error)
 

@@ -81,8 +81,8 @@ class PFormer(BaseModel):
     default_config_path = Blip2VLLLM.__dict__["default_config_path"]
 
     # The VL-LLM's own tokenisation and autocast, so that the prompts are learned for the input
-    # layout the LLM sees in stage 2. They read llm_tokenizer, max_txt_len and llm_dtype.
-    # They read llm_tokenizer, max_txt_len, llm_dtype, bos_ids, label_bos and end_sym.
+    # layout the LLM sees in stage 2. They read llm_tokenizer, max_txt_len, llm_dtype, bos_ids,
+    # label_bos and end_sym.
     _tokenize_prefix_target = Blip2VLLLM._tokenize_prefix_target
     maybe_autocast = Blip2VLLLM.maybe_autocast
     _set_end_of_text = Blip2VLLLM._set_end_of_text

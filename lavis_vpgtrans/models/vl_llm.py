@@ -497,10 +497,11 @@ class Blip2VLLLM(Blip2Base):
         word-start token that merges the joining space ("Ġred", "▁red") counts as target."""
         tok = self.llm_tokenizer
         rows, label_rows = [], []
-        for prefix, target in zip(prefixes, targets, strict=True):
-            joined = (f"{prefix} {target}" if prefix else target) + (self.end_sym or "")
-            enc = tok(joined, add_special_tokens=False, return_offsets_mapping=True)
-            ids, ends = enc["input_ids"], [end for _, end in enc["offset_mapping"]]
+        joined_rows = [(f"{prefix} {target}" if prefix else target) + (self.end_sym or "")
+                       for prefix, target in zip(prefixes, targets, strict=True)]
+        enc = tok(joined_rows, add_special_tokens=False, return_offsets_mapping=True)  # one batched call
+        for prefix, joined, ids, offsets in zip(prefixes, joined_rows, enc["input_ids"], enc["offset_mapping"]):
+            ends = [end for _, end in offsets]
             if self.end_sym is None:  # the EOS id, after the text
                 ids, ends = ids + [tok.eos_token_id], ends + [len(joined) + 1]
             labels = [i if not prefix or end > len(prefix) else -100 for i, end in zip(ids, ends)]
@@ -518,8 +519,8 @@ class Blip2VLLLM(Blip2Base):
         tok = self.llm_tokenizer
         enc_ids, enc_mask = (t.to(device) for t in pad_rows(self._encoder_rows(prefixes), tok.pad_token_id))
         dec_ids, dec_mask = (t.to(device) for t in pad_rows(
-            [tok(t + (self.end_sym or ""), truncation=True, max_length=self.max_output_txt_len).input_ids
-             for t in targets], tok.pad_token_id))
+            tok([t + (self.end_sym or "") for t in targets], truncation=True,
+                max_length=self.max_output_txt_len).input_ids, tok.pad_token_id))
         labels = dec_ids.masked_fill(dec_mask == 0, -100)
         embeds = torch.cat([prompts, self.llm_model.get_input_embeddings()(enc_ids)], dim=1)
         mask = torch.cat([torch.ones(prompts.shape[:2], dtype=torch.long, device=device), enc_mask], dim=1)
@@ -586,14 +587,14 @@ class Blip2VLLLM(Blip2Base):
         """Token ids of encoder-decoder prefixes, with the tokenizer's own special tokens (T5's
         closing </s>), as LAVIS's blip2_t5 tokenizes them."""
         tok = self.llm_tokenizer
-        return [tok(p, truncation=True, max_length=self.max_txt_len).input_ids for p in prefixes]
+        return tok(list(prefixes), truncation=True, max_length=self.max_txt_len).input_ids
 
     def _prefix_rows(self, prefixes: Sequence[str]) -> List[List[int]]:
         """Token ids of decoder-only generation prefixes: BOS as the tokenizer adds it, then the
         prefix (its ids in training, where the target follows), cut at max_txt_len."""
         tok = self.llm_tokenizer
-        return [(self.bos_ids + (tok(p, add_special_tokens=False).input_ids if p else []))[: self.max_txt_len]
-                for p in prefixes]
+        return [(self.bos_ids + ids)[: self.max_txt_len]
+                for ids in tok(list(prefixes), add_special_tokens=False).input_ids]
 
     def _generate(self, image, prefixes: List[str], min_length: int = 1, **gen_kwargs) -> List[str]:
         """Generates after soft prompts + prefix until the end of text, and cuts the text there.

@@ -1,0 +1,183 @@
+"""Sharding the frozen parts of a BLIP-2-style model with torch FSDP2 (`fully_shard`).
+
+Under DDP every rank holds the whole frozen LLM (13.5 GB for a 7B target in fp16). With
+`run.fsdp` the LLM's transformer blocks (and the ViT's) are each an FSDP unit, sharded over the
+ranks at rest and gathered one block at a time in forward; everything else (the trainable
+Q-Former + projector, the LLM's embeddings and head, which OPT ties) is the root unit, whose
+gradients FSDP reduce-scatters as DDP would all-reduce them. Storage dtypes stay the model's
+precision settings (`vit_precision`, `llm_precision`); gradients reduce in fp32.
+
+    run:
+      fsdp:
+        shard_llm: true                    # per-block units for the LLM (default true)
+        shard_vit: true                    # per-block units for the ViT (default true)
+        llm_activation_checkpointing: false
+        qformer_activation_checkpointing: false
+
+Checkpoints stay trainable-parameters-only files of full tensors (`full_trainable_state`, a
+collective: every rank calls it), which load into an unsharded model.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+# the model methods that run the LLM outside `forward`: FSDP must gather the root unit for them
+FORWARD_METHODS = ("generate", "predict_answers")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    shard_llm: bool = True
+    shard_vit: bool = True
+    llm_activation_checkpointing: bool = False
+    qformer_activation_checkpointing: bool = False
+
+    @classmethod
+    def from_run_config(cls, run_cfg) -> Optional["ShardingConfig"]:
+        """`run.fsdp` as a ShardingConfig; None when the key is absent or null (plain DDP)."""
+        value = run_cfg.get("fsdp", None)
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        values = dict(value)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"run.fsdp: unknown key(s) {unknown}; known: {sorted(known)}")
+        for key, v in values.items():
+            if not isinstance(v, bool):
+                raise ValueError(f"run.fsdp.{key} must be true or false, got {v!r}")
+        return cls(**values)
+
+
+def llm_blocks(llm: nn.Module):
+    """The LLM's transformer blocks: the module classes transformers itself keeps whole when it
+    splits a model over devices (`_no_split_modules`: OPTDecoderLayer, LlamaDecoderLayer, T5Block)."""
+    names = set(getattr(llm, "_no_split_modules", None) or [])
+    if not names:
+        raise ValueError(f"{type(llm).__name__} declares no _no_split_modules: cannot find its blocks to shard")
+    blocks = [m for m in llm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"{type(llm).__name__}: no module of the classes {sorted(names)}")
+    return blocks
+
+
+def vit_blocks(model: nn.Module):
+    return list(getattr(model.visual_encoder, "blocks", []))
+
+
+def qformer_layers(model: nn.Module):
+    return list(model.Qformer.bert.encoder.layer)
+
+
+def sync_from_rank0(model: nn.Module) -> None:
+    """Every rank takes rank 0's parameters and buffers, as DDP does when it wraps a model: LAVIS
+    seeds each rank differently, so randomly initialised parts differ before this."""
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(tensor.data, src=0)
+
+
+def apply_activation_checkpointing(model: nn.Module, cfg: ShardingConfig) -> None:
+    """Recompute the LLM's blocks / the Q-Former's layers in backward instead of keeping their
+    activations (non-reentrant, RNG state preserved: the same gradients). It acts in train and
+    eval mode alike: the frozen LLM stays in eval mode, where transformers' own gradient
+    checkpointing is off."""
+    from torch.distributed._composable import checkpoint
+
+    if cfg.llm_activation_checkpointing:
+        # a training forward must not fill a KV cache: recomputation would append to it again
+        # (generate still caches: it passes its generation_config's use_cache)
+        model.llm_model.config.use_cache = False
+        for block in llm_blocks(model.llm_model):
+            checkpoint(block)
+    if cfg.qformer_activation_checkpointing:
+        for layer in qformer_layers(model):
+            checkpoint(layer)
+
+
+def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
+    """Applies activation checkpointing and `fully_shard` in place (FSDP2 changes the modules'
+    classes, not their names, so state-dict keys are unchanged) and returns the model."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    sync_from_rank0(model)
+    apply_activation_checkpointing(model, cfg)
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    units = (llm_blocks(model.llm_model) if cfg.shard_llm else []) + (vit_blocks(model) if cfg.shard_vit else [])
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    for name in FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """The trainable parameters as full CPU tensors (gathered: every rank must call this)."""
+    return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_full_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """Copies full tensors (e.g. a checkpoint's "model") into a sharded model's parameters, each
+    rank keeping its own shard. Names must be parameters of the model (checked by the caller's
+    `load_trained_state` rules before this)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    params = dict(model.named_parameters())
+    missing = sorted(set(state) - set(params))
+    if missing:
+        raise KeyError(f"not parameters of {type(model).__name__}: {missing[:10]}")
+    with torch.no_grad():
+        for name, value in state.items():
+            param = params[name]
+            if isinstance(param, DTensor):
+                shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
+                param.to_local().copy_(shard.to_local())
+            else:
+                param.copy_(value)
+
+
+def local_bytes(module: nn.Module) -> int:
+    """Bytes of parameters and buffers this rank holds (its shards, for sharded tensors)."""
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        total += local.numel() * local.element_size()
+    return total
+
+
+def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state with full CPU tensors keyed by parameter name, on rank 0 (the other
+    ranks get {}; every rank must call this). `load_full_optimizer_state` puts it back."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, optimizer,
+                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    """Rank 0's `state` (from full_optimizer_state) into every rank's shard of the optimizer."""
+    set_optimizer_state_dict(model, optimizer, state,
+                             options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

@@ -1,0 +1,110 @@
+"""Run under torchrun (gloo, 2 processes) by tests/test_sharding.py: trains a tiny model with the
+frozen LLM replicated (DDP) and sharded (FSDP2, lavis_vpgtrans.common.sharding) on the same data
+and seed for each "family:checkpointing" spec in argv[2:], and writes what rank 0 measured to the
+json file named by argv[1]."""
+
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from helpers import load_tiny
+import lavis_vpgtrans  # noqa: F401  registers the model classes
+from lavis_vpgtrans.common import sharding
+from lavis_vpgtrans.common.checkpoint import load_trained_state
+
+ARCH = {"opt": ("blip2_opt_transfer", "tiny_opt_large"), "llama": ("blip2_llama", "tiny_llama"),
+        "t5": ("blip2_t5_transfer", "tiny_t5")}
+
+
+def build(family, seed_offset=0):
+    # LAVIS seeds every rank differently: the wrappers must make the ranks agree
+    torch.manual_seed(dist.get_rank() + seed_offset)
+    name, model_type = ARCH[family]
+    return load_tiny(name, model_type, train_vpg=True)
+
+
+def batches(n, family):
+    g = torch.Generator().manual_seed(100 + dist.get_rank())
+    out = []
+    for _ in range(n):
+        s = {"image": torch.randn(2, 3, 32, 32, generator=g), "text_input": ["a red square", "two blue circles"]}
+        if family == "t5":
+            s["text_output"] = s.pop("text_input")
+            s["text_input"] = ["", ""]
+        out.append(s)
+    return out
+
+
+def train(model, wrapped, data, optimizer=None, first_step=0):
+    optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    model.train()
+    for step, samples in enumerate(data, start=first_step):
+        torch.manual_seed(1000 * step + dist.get_rank())  # dropout: the same draws after a resume
+        wrapped(samples)["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return optimizer
+
+
+def measure(family, checkpointing):
+    rank = dist.get_rank()
+    data = batches(4, family)
+    result = {}
+
+    ddp_model = build(family)
+    result["llm_bytes_replicated"] = sharding.local_bytes(ddp_model.llm_model)
+    train(ddp_model, DDP(ddp_model), data)
+    replicated = {n: p.detach().clone() for n, p in ddp_model.named_parameters() if p.requires_grad}
+
+    cfg = sharding.ShardingConfig(llm_activation_checkpointing=checkpointing,
+                                  qformer_activation_checkpointing=checkpointing)
+    model = sharding.shard_model(build(family), cfg)
+    result["llm_bytes_sharded"] = sharding.local_bytes(model.llm_model)
+    # interrupted after 2 steps: checkpoint (full tensors), a new sharded model resumes from it
+    optimizer = train(model, model, data[:2])
+    state = sharding.full_trainable_state(model)
+    optim_state = sharding.full_optimizer_state(model, optimizer)
+    resumed = sharding.shard_model(build(family, seed_offset=13), cfg)
+    sharding.load_full_state(resumed, state)
+    resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
+    sharding.load_full_optimizer_state(resumed, resumed_optimizer, optim_state)
+    train(resumed, resumed, data[2:], resumed_optimizer, first_step=2)
+    final = sharding.full_trainable_state(resumed)
+
+    result["max_abs_diff_vs_ddp"] = max((final[n] - replicated[n]).abs().max().item() for n in replicated)
+    result["same_names"] = sorted(final) == sorted(replicated)
+
+    # the gathered weights load into an unsharded model: same captions as the sharded one
+    image = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    resumed.eval()
+    with torch.no_grad():
+        sharded_out = resumed.generate({"image": image}, max_length=6, num_beams=1)
+    if rank == 0:
+        plain = build(family, seed_offset=21)
+        load_trained_state(plain, final, "gathered sharded weights")
+        plain.eval()
+        with torch.no_grad():
+            result["captions_sharded"] = sharded_out
+            result["captions_unsharded"] = plain.generate({"image": image}, max_length=6, num_beams=1)
+    return result
+
+
+def main(out_path, specs):
+    """specs: "family:checkpointing" (e.g. opt:0 llama:1), one process group for all."""
+    dist.init_process_group("gloo")
+    results = {}
+    for spec in specs:
+        family, checkpointing = spec.split(":")
+        results[spec] = measure(family, checkpointing == "1")
+    if dist.get_rank() == 0:
+        with open(out_path, "w") as f:
+            json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])

@@ -3,7 +3,7 @@
     python evaluate.py --cfg-path projects/vpgtrans/eval/opt/coco_caption.yaml --ckpt output/.../checkpoint_best.pth
 """
 
-from lavis_vpgtrans.cli import evaluate_main
+from lavis_vpgtrans.runners.launch import evaluate_main
 
 if __name__ == "__main__":
     evaluate_main()

@@ -20,7 +20,7 @@ if "/export/" in registry.get_path("cache_root"):
 from lavis_vpgtrans.datasets import benchmarks, builders, minigpt4, sentences  # noqa: E402,F401
 from lavis_vpgtrans import models  # noqa: E402,F401
 from lavis_vpgtrans.models import blip2_qformer_pformer, pformer  # noqa: E402,F401
-from lavis_vpgtrans import pformer_tasks, tasks  # noqa: E402,F401
+from lavis_vpgtrans import tasks  # noqa: E402,F401
 from lavis_vpgtrans.runners import runner_base, runner_vpgtrans  # noqa: E402,F401
 from lavis_vpgtrans.common import lavis_fixes  # noqa: E402
 

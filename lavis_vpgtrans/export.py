@@ -68,16 +68,6 @@ def blip2_config(model):
         num_query_tokens=model.query_tokens.shape[1])
 
 
-def end_of_text(model) -> dict:
-    """How our generation ends, as transformers generate() arguments: at the end-of-text token
-    (`end_token_id`: e.g. the "\\n" LAVIS trains OPT with, or the tokenizer's EOS); when the end
-    of text spans several tokens (`end_sym`, e.g. "\\n" for Qwen's tokenizer), at the EOS or on
-    the text (stop_strings), as our StopOnText does."""
-    if model.end_token_id is not None:
-        return {"eos_token_id": model.end_token_id}
-    return {"eos_token_id": model.llm_tokenizer.eos_token_id, "stop_strings": model.end_sym}
-
-
 def image_processor_from_lavis(vis_processor):
     """transformers' BlipImageProcessor doing what LAVIS's eval processor does: resize to a
     square (bicubic), scale to [0, 1], normalise with its mean / std."""
@@ -127,7 +117,7 @@ def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False) -> 
     # come from text_config (not generation_config.json): the end of text goes there, as in
     # HF's own Salesforce/blip2-opt-* configs (eos_token_id 50118 = "\n"). stop_strings cannot:
     # generation_config.json records them, the caller passes them (see the module docstring).
-    end = end_of_text(model)
+    end = model.generation_end()  # models/llm.py: as our own generate() ends
     config.text_config.eos_token_id = end["eos_token_id"]
     config.text_config.pad_token_id = tok.pad_token_id
     generation = GenerationConfig(bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **end)

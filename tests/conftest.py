@@ -25,6 +25,9 @@ def toy_zoo(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def plugin(toy_zoo):
+    """The plugin, with the toy world's builders registered (train.py registers them only
+    for a config that names them)."""
     import lavis_vpgtrans
+    import lavis_vpgtrans.toy.builders  # noqa: F401
 
     return lavis_vpgtrans

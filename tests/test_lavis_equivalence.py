@@ -36,6 +36,7 @@ def lavis_download_helpers_replaced(plugin):
     from lavis.models.blip2_models import blip2 as lavis_blip2
     from safetensors.torch import load_file
 
+    from lavis_vpgtrans.models import eva_vit
     from lavis_vpgtrans.toy import zoo
 
     bert = zoo.resolve("toy:bert")
@@ -49,11 +50,11 @@ def lavis_download_helpers_replaced(plugin):
 
     def toy_eva_vit(img_size, drop_path_rate, use_checkpoint, precision):
         vit_dir = zoo.resolve("toy:eva-vit")
-        with open(os.path.join(vit_dir, zoo.VIT_CONFIG_NAME)) as f:
+        with open(os.path.join(vit_dir, eva_vit.VIT_CONFIG_NAME)) as f:
             cfg = json.load(f)
         assert cfg["img_size"] == img_size
-        vit = zoo.build_eva_vit(cfg, drop_path_rate, use_checkpoint)
-        vit.load_state_dict(load_file(os.path.join(vit_dir, zoo.VIT_WEIGHTS_NAME)))
+        vit = eva_vit.build_eva_vit(cfg, drop_path_rate, use_checkpoint)
+        vit.load_state_dict(load_file(os.path.join(vit_dir, eva_vit.VIT_WEIGHTS_NAME)))
         return vit
 
     with pytest.MonkeyPatch.context() as mp:

@@ -144,3 +144,21 @@ def test_freeze_modes(plugin, family, train_vpg):
     assert not model.visual_encoder.training and not model.llm_model.training
     assert model.Qformer.training == train_vpg
     assert model.projector.training
+
+
+def test_eva_vit_directory_round_trip_and_errors(plugin, tmp_path):
+    from lavis_vpgtrans.models.eva_vit import build_eva_vit, load_eva_vit_dir, save_eva_vit_dir
+
+    cfg = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, mlp_ratio=4.0, qkv_bias=True)
+    torch.manual_seed(0)
+    vit = build_eva_vit(cfg).eval()
+    save_eva_vit_dir(vit, cfg, str(tmp_path / "vit"))
+    loaded, ln_vision = load_eva_vit_dir(str(tmp_path / "vit"), 32, precision="fp32", name="my-vit")
+    image = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.eval()(image), vit(image), rtol=0, atol=0)
+    assert ln_vision.normalized_shape == (48,)
+    with pytest.raises(ValueError, match="vit_model 'my-vit' was built for image size 32, the model config asks "
+                                         "for 224"):
+        load_eva_vit_dir(str(tmp_path / "vit"), 224, name="my-vit")
+    with pytest.raises(FileNotFoundError, match="vit_model 'other': expected 'eva_clip_g', 'clip_L' or a directory"):
+        load_eva_vit_dir(str(tmp_path), 32, name="other")

@@ -31,7 +31,7 @@ def one_thread():
 def pf(plugin):
     """The P-Former modules, imported here (not at collection) so that their registry names
     appear only in sessions that run these tests."""
-    from lavis_vpgtrans import pformer_tasks  # noqa: F401
+    from lavis_vpgtrans.tasks import pformer as pformer_task  # noqa: F401
     from lavis_vpgtrans.datasets import sentences
     from lavis_vpgtrans.models import blip2_qformer_pformer, pformer, pformer_encoder
 
@@ -162,12 +162,12 @@ def test_sentence_builder_reads_txt_json_and_caption_files(pf, tmp_path):
 def run_stage0(out, model_type):
     """Stage 0 through train.py's entry point, with evaluate.py's on the untrained P-Former as
     the baseline (job "before")."""
-    from lavis_vpgtrans import cli
+    from lavis_vpgtrans.runners import launch
 
     options = ["--options", f"run.output_dir={out}", f"model.model_type={model_type}"]
     cfg = ["--cfg-path", os.path.join(DEMO, "tiny_stage0.yaml")]
-    cli.evaluate_main(cfg + options + ["run.job_id=before", "run.test_splits=[val]"])
-    cli.train_main(cfg + options + ["run.job_id=train", "run.max_epoch=4"])
+    launch.evaluate_main(cfg + options + ["run.job_id=before", "run.test_splits=[val]"])
+    launch.train_main(cfg + options + ["run.job_id=train", "run.max_epoch=4"])
     return out
 
 
@@ -236,10 +236,10 @@ def pformer_ckpt(stage0):
 
 @pytest.fixture(scope="module")
 def stage1(pf, stage0, small_captions, tmp_path_factory):
-    from lavis_vpgtrans import cli
+    from lavis_vpgtrans.runners import launch
 
     out = tmp_path_factory.mktemp("stage1")
-    cli.train_main(["--cfg-path", os.path.join(DEMO, "tiny_stage1.yaml"), "--options",
+    launch.train_main(["--cfg-path", os.path.join(DEMO, "tiny_stage1.yaml"), "--options",
                     f"run.output_dir={out}", "run.job_id=job", f"model.pformer_checkpoint={pformer_ckpt(stage0)}",
                     "model.align_weight=7.0",  # not the default 10: the weight must come from config
                     f"datasets.toy_caption.build_info.annotations.train.storage={small_captions}"])
@@ -266,11 +266,11 @@ def test_stage1_checkpoint_has_no_pformer_and_holds_the_projector(stage1):
 
 @pytest.fixture(scope="module")
 def stage2(pf, stage0, stage1, small_captions, tmp_path_factory):
-    from lavis_vpgtrans import cli
+    from lavis_vpgtrans.runners import launch
 
     out = tmp_path_factory.mktemp("stage2")
     stage1_ckpt = str(stage1 / "checkpoint_1.pth")
-    cli.train_main(["--cfg-path", os.path.join(DEMO, "tiny_stage2.yaml"), "--options",
+    launch.train_main(["--cfg-path", os.path.join(DEMO, "tiny_stage2.yaml"), "--options",
                     f"run.output_dir={out}", "run.job_id=job", f"model.pformer_checkpoint={pformer_ckpt(stage0)}",
                     f"model.vpg_checkpoint={stage1_ckpt}", f"model.projector_checkpoint={stage1_ckpt}",
                     "model.align_weight=50.0",  # not the default 100: the weight must come from config

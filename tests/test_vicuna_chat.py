@@ -204,6 +204,27 @@ def test_stop_criterion_finds_the_separator_however_it_is_tokenized(vl_model):
     assert done.tolist() == [True, True, True, True, False, False]
 
 
+def test_stop_criterion_decodes_only_a_tail_as_long_as_the_stop_text(vl_model):
+    """It runs after every generated token: decoding whole rows each time would cost time
+    quadratic in the answer's length."""
+    from lavis_vpgtrans.models.blip2_vicuna import StopOnText
+
+    tok = vl_model.llm_tokenizer
+    decoded = []
+
+    class RecordingTokenizer:  # the real tokenizer, recording what it is asked to decode
+        all_special_ids = tok.all_special_ids
+
+        def batch_decode(self, rows, **kwargs):
+            decoded.extend(len(r) for r in rows)
+            return tok.batch_decode(rows, **kwargs)
+
+    long_answer = tok("a red circle and a blue square " * 50, add_special_tokens=False).input_ids
+    ids = torch.tensor([long_answer, long_answer[:-3] + tok("###", add_special_tokens=False).input_ids[-3:]])
+    assert StopOnText(RecordingTokenizer(), "###")(ids, None).tolist() == [False, True]
+    assert len(long_answer) > 200 and decoded == [3, 3]
+
+
 def test_generation_stops_at_the_separator_and_cuts_it(vl_model, toy_set):
     """The LLM is steered to say "red", "#", "#", "#", then "blue" forever: generation must
     stop after the third "#" instead of running to max_new_tokens, and cut the "###"."""
@@ -299,7 +320,7 @@ def batch_loss(model, toy_root, anns):
 def trained(tmp_path_factory, vl_model, toy_set):
     """train.py's entry point on the demo config, started from a saved initial model so that
     the loss before and after is measured on the same starting point."""
-    from lavis_vpgtrans.cli import train_main
+    from lavis_vpgtrans.runners.launch import train_main
 
     out = tmp_path_factory.mktemp("stage3")
     init = out / "init.pth"
@@ -443,7 +464,7 @@ def test_stage3_config_runs_with_tiny_models_and_keeps_the_paper_settings(plugin
     the stage-2 checkpoint as model.finetuned), with the tiny model swapped in."""
     from omegaconf import OmegaConf
 
-    from lavis_vpgtrans.cli import train_main
+    from lavis_vpgtrans.runners.launch import train_main
     from lavis_vpgtrans.toy.instruct import write_instruct_set
 
     cfg_path = os.path.join(REPO, "projects", "vpgtrans", "stage3_vicuna_instruct.yaml")

@@ -15,6 +15,8 @@ from typing import Callable, Dict, Iterable, List
 
 import torch
 
+from lavis_vpgtrans.common.paths import resolve_path
+
 logger = logging.getLogger(__name__)
 
 
@@ -209,6 +211,12 @@ def load_state_with_report(
 FROZEN_LLM_BUFFERS = re.compile(r"^(llm_model|llama_model|opt_model|t5_model)\..*\.rotary_emb\.inv_freq$")
 
 
+def trainable_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """What a training checkpoint holds: the trainable parameters (detached), nothing frozen,
+    no buffers, no tied copies."""
+    return {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+
+
 def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
                        what: str = "checkpoint") -> LoadReport:
     """A training checkpoint's weights (trainable parameters only, as our runner writes them, or
@@ -217,16 +225,13 @@ def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tens
     (ViT, LLM) keep their values. Frozen-LLM buffers the module does not have
     (FROZEN_LLM_BUFFERS) are dropped by design and reported; any other unknown key is an error."""
     own = module.state_dict()
-    required = [n for n, p in module.named_parameters() if p.requires_grad]
-    report = load_state_with_report(module, state_dict, source, required=required,
+    report = load_state_with_report(module, state_dict, source, required=list(trainable_state(module)),
                                     drop=lambda k: k not in own and bool(FROZEN_LLM_BUFFERS.match(k)))
     report.log(what)
     return report
 
 
 def load_trained_checkpoint(module: torch.nn.Module, url_or_path: str, what: str = "checkpoint") -> LoadReport:
-    """`load_trained_state` from a file or URL ("toy:" paths resolved)."""
-    from lavis_vpgtrans.toy import zoo
-
-    path = zoo.resolve(url_or_path)
+    """`load_trained_state` from a file or URL ("<scheme>:" paths resolved)."""
+    path = resolve_path(url_or_path)
     return load_trained_state(module, load_checkpoint_file(path)["model"], path, what)

@@ -137,12 +137,12 @@ def check_config(cfg) -> None:
     as dotted names (e.g. [model.my_option])."""
     import lavis.tasks
 
-    from lavis_vpgtrans import cli
     from lavis_vpgtrans.common import dist as plugin_dist
+    from lavis_vpgtrans.runners import launch
 
     run_cfg, model_cfg = cfg.run_cfg, cfg.model_cfg
     unchecked = set(run_cfg.get("unchecked_keys", None) or [])
-    runner_cls = _registered("runner", run_cfg.get("runner", cli.DEFAULT_RUNNER), "run.runner")
+    runner_cls = _registered("runner", run_cfg.get("runner", launch.DEFAULT_RUNNER), "run.runner")
     task_cls = _registered("task", run_cfg.get("task", None), "run.task")
     lr_sched = run_cfg.get("lr_sched", None)
     if lr_sched is not None and not run_cfg.get("evaluate", False):
@@ -162,7 +162,7 @@ def check_config(cfg) -> None:
             raise ConfigKeyError(f"unknown config key {dotted!r}{hint} (if your own code reads it, list it in "
                                  f"run.unchecked_keys)")
 
-    known_run = keys_read([runner_cls, task_cls, cli, plugin_dist, lavis.tasks, *builders.values()],
+    known_run = keys_read([runner_cls, task_cls, launch, plugin_dist, lavis.tasks, *builders.values()],
                           "run_cfg") | {"unchecked_keys"}
     others = [*registry.mapping["runner_name_mapping"].values(), *registry.mapping["task_name_mapping"].values()]
     check("run", run_cfg, known_run, keys_read(others, "run_cfg"))
@@ -174,6 +174,8 @@ def check_config(cfg) -> None:
                                 f"or a hub id such as facebook/opt-2.7b)")
     model_yaml = OmegaConf.load(model_cls.default_config_path(model_cfg.get("model_type")))
     known_model = keys_read([model_cls], "cfg") | set(model_yaml.model.keys()) | {"arch", "model_type"}
+    if hasattr(model_cls, "config_keys"):  # our models' from_config reads the constructor's parameters
+        known_model |= set(model_cls.config_keys())
     check("model", model_cfg, known_model)
 
     for name, builder_cls in builders.items():

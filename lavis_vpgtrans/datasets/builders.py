@@ -1,26 +1,40 @@
-"""Dataset builders for files already on disk, and the toy-world builders.
+"""Dataset builders for files already on disk.
 
 LAVIS's builders download annotations into `cache_root` (which defaults to /export/...).
 Ours never download: every path in `build_info` is resolved once, at construction, against
-  - "toy:<path>"  -> the offline toy zoo (built on first use),
+  - "<scheme>:<path>" -> the scheme's resolver (common/paths.py; "toy:" is the offline toy zoo),
   - an absolute path -> itself,
   - a relative path -> `data_root` from the dataset config if set, else `run.data_root`,
     else LAVIS's cache_root,
 and a missing file is an error naming the dataset, split, path and what produces it.
+
+Builders of other packages (the toy world's toy_caption / toy_vqa) are registered when a
+config names them: `register_builder_plugins`.
 """
 
 import os
+from importlib.metadata import entry_points
 
 from lavis.common.dist_utils import get_rank
 from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import ListConfig
 
-from lavis_vpgtrans.datasets.checked import (CaptionDataset, CaptionEvalDataset, CheckedSamples, ImageTextDataset,
-                                             VQADataset, VQAEvalDataset)
-from lavis_vpgtrans.toy import zoo
+from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.datasets.checked import CaptionDataset, CheckedSamples, ImageTextDataset
 
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILDER_ENTRY_POINTS = "lavis_vpgtrans.builders"
+
+
+def register_builder_plugins(names) -> None:
+    """Imports the builders that installed packages declare under the entry-point group
+    `lavis_vpgtrans.builders` for those of `names` LAVIS's registry does not hold yet. Called
+    with a config's dataset names before LAVIS parses it (it looks each builder up)."""
+    missing = set(names) - set(registry.mapping["builder_name_mapping"])
+    for ep in entry_points(group=BUILDER_ENTRY_POINTS):
+        if ep.name in missing:
+            ep.load()
 
 
 class LocalFilesBuilder(BaseDatasetBuilder):
@@ -49,7 +63,7 @@ class LocalFilesBuilder(BaseDatasetBuilder):
         if not root:
             run_cfg = self._run_cfg()
             root = run_cfg.get("data_root", None) if run_cfg is not None else None
-        return zoo.resolve(root) if root else registry.get_path("cache_root")
+        return resolve_path(root) if root else registry.get_path("cache_root")
 
     def build(self):
         """LAVIS's build; the training split skips and counts unreadable images where
@@ -62,7 +76,7 @@ class LocalFilesBuilder(BaseDatasetBuilder):
         return datasets
 
     def resolve_path(self, path: str) -> str:
-        path = zoo.resolve(os.path.expanduser(str(path)))
+        path = resolve_path(os.path.expanduser(str(path)))
         return path if os.path.isabs(path) else os.path.join(self._root(), path)
 
     def _resolve_paths(self):
@@ -95,24 +109,6 @@ class LocalFilesBuilder(BaseDatasetBuilder):
             if not os.path.exists(path) and not str(path).endswith("answer_list.json"):
                 raise FileNotFoundError(
                     f"dataset {name!r}: {what} file not found: {path}" + (f" ({hint})" if hint else ""))
-
-
-@registry.register_builder("toy_caption")
-class ToyCaptionBuilder(LocalFilesBuilder):
-    """Toy-world captions: LAVIS caption json + COCO-format ground truth for val/test."""
-
-    train_dataset_cls = CaptionDataset
-    eval_dataset_cls = CaptionEvalDataset
-    DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/caption.yaml"}
-
-
-@registry.register_builder("toy_vqa")
-class ToyVQABuilder(LocalFilesBuilder):
-    """Toy-world VQA in the VQAv2 layout (10 answers, official question/annotation files)."""
-
-    train_dataset_cls = VQADataset
-    eval_dataset_cls = VQAEvalDataset
-    DATASET_CONFIG_DICT = {"default": "datasets/configs/toy/vqa.yaml"}
 
 
 @registry.register_builder("vpgtrans_coco_caption_train")

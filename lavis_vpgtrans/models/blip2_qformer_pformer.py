@@ -6,10 +6,11 @@
 width the P-Former was trained for; stage 2 can start its projector from it
 (`projector_checkpoint`), and its VPG from the Q-Former (`vpg_checkpoint`).
 
-LAVIS's Blip2Qformer with three changes: the BERT, tokenizer and ViT come from config (LAVIS
-hard-codes downloads of bert-base-uncased and EVA ViT-g), the forward runs without a process
-group (LAVIS calls dist.get_rank() unguarded) and reuses the query pass for the alignment,
-and the frozen ViT and P-Former stay in eval mode whatever the runner does.
+LAVIS's Blip2Qformer objectives on our Blip2PluginBase (models/base.py) with three changes: the
+BERT, tokenizer and ViT come from config (LAVIS hard-codes downloads of bert-base-uncased and
+EVA ViT-g), the forward runs without a process group (LAVIS calls dist.get_rank() unguarded)
+and reuses the query pass for the alignment, and the frozen ViT and P-Former stay in eval mode
+whatever the runner does.
 """
 
 import logging
@@ -21,12 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from lavis.common.registry import registry
 from lavis.models.base_model import all_gather_with_grad, concat_all_gather
-from lavis.models.blip2_models.blip2 import Blip2Base
-from lavis.models.blip2_models.blip2_qformer import Blip2Qformer
 
-from lavis_vpgtrans.common.checkpoint import load_trained_checkpoint
+from lavis_vpgtrans.models.base import Blip2PluginBase
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
-from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +34,7 @@ def _rank() -> int:
 
 
 @registry.register_model("blip2_qformer_pformer")
-class Blip2QformerPFormer(Blip2Qformer):
+class Blip2QformerPFormer(Blip2PluginBase):
     """BLIP-2 stage 1 with P-Former alignment (`align_weight: 0` is plain BLIP-2 stage 1).
 
     >>> from lavis.models import load_model
@@ -51,8 +49,6 @@ class Blip2QformerPFormer(Blip2Qformer):
         "tiny_opt_small": "models/configs/pformer/stage1_tiny_opt_small.yaml",
         "tiny_t5": "models/configs/pformer/stage1_tiny_t5.yaml",
     }
-    # Model-type yamls are looked up in this package (LAVIS's own looks in lavis/).
-    default_config_path = Blip2VLLLM.__dict__["default_config_path"]
 
     def __init__(
         self,
@@ -71,16 +67,15 @@ class Blip2QformerPFormer(Blip2Qformer):
         pformer_checkpoint: str = None,
         align_weight: float = 10.0,
     ):
-        # Blip2Qformer.__init__ builds its parts from hard-coded names; ours come from config.
-        Blip2Base.__init__(self)
-        self.tokenizer = Blip2VLLLM.init_tokenizer(qformer_model)
-        self.visual_encoder, self.ln_vision = Blip2VLLLM.init_vision_encoder(
+        super().__init__()
+        self.tokenizer = self.init_tokenizer(qformer_model)
+        self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision)
         self.freeze_vit = freeze_vit
         if freeze_vit:
             for param in self.visual_encoder.parameters():
                 param.requires_grad = False
-        self.Qformer, self.query_tokens = Blip2VLLLM.init_Qformer(
+        self.Qformer, self.query_tokens = self.init_Qformer(
             num_query_token, self.visual_encoder.num_features, cross_attention_freq, qformer_model)
         # transformers >= 4.3x loads on the meta device and leaves LAVIS's tied decoder bias
         # there (untied from cls.predictions.bias, which holds BERT's weights): re-tie it
@@ -108,48 +103,11 @@ class Blip2QformerPFormer(Blip2Qformer):
             self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token)
             self.add_module(self.projector_name, nn.Linear(hidden, self.pformer.llm_width))
 
-    @classmethod
-    def from_config(cls, cfg):
-        model = cls(
-            vit_model=cfg.get("vit_model", "eva_clip_g"),
-            img_size=cfg.get("image_size", 224),
-            drop_path_rate=cfg.get("drop_path_rate", 0),
-            use_grad_checkpoint=cfg.get("use_grad_checkpoint", False),
-            vit_precision=cfg.get("vit_precision", "fp16"),
-            freeze_vit=cfg.get("freeze_vit", True),
-            qformer_model=cfg.get("qformer_model", "bert-base-uncased"),
-            num_query_token=cfg.get("num_query_token", 32),
-            cross_attention_freq=cfg.get("cross_attention_freq", 2),
-            embed_dim=cfg.get("embed_dim", 256),
-            max_txt_len=cfg.get("max_txt_len", 32),
-            pformer_model_type=cfg.get("pformer_model_type", None),
-            pformer_checkpoint=cfg.get("pformer_checkpoint", None),
-            align_weight=cfg.get("align_weight", 10.0),
-        )
-        if cfg.get("load_finetuned", False) and cfg.get("finetuned", None):
-            model.load_checkpoint(cfg.finetuned)
-        return model
-
-    # ------------------------------------------------------------------ freezing, checkpoints
-
-    @property
-    def projector(self):
-        return getattr(self, self.projector_name, None)
+    # ------------------------------------------------------------------ freezing
 
     def frozen_modules(self) -> List[nn.Module]:
         frozen = [self.visual_encoder] if self.freeze_vit else []
         return frozen + ([self.pformer] if self.pformer is not None else [])
-
-    def train(self, mode: bool = True):
-        """Frozen parts stay in eval mode (no dropout) even when the runner calls train()."""
-        super().train(mode)
-        for module in self.frozen_modules():
-            module.eval()
-        return self
-
-    def load_checkpoint(self, url_or_filename: str):
-        """A trained stage-1 checkpoint: every key must fit, every trainable parameter be there."""
-        return load_trained_checkpoint(self, url_or_filename)
 
     # ------------------------------------------------------------------ forward
 

@@ -27,7 +27,7 @@ from transformers import StoppingCriteriaList
 from lavis_vpgtrans.chat.conversation import (ANSWER, DEFAULT_TEMPLATE, IMAGE, ConversationError,
                                               ConversationTemplate, Turn, get_template)
 from lavis_vpgtrans.models.blip2_transfer import Blip2LLaMA
-from lavis_vpgtrans.models.vl_llm import StopOnText, pad_rows
+from lavis_vpgtrans.models.llm import StopOnText, pad_rows
 
 logger = logging.getLogger(__name__)
 

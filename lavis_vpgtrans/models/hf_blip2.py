@@ -28,17 +28,14 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from lavis_vpgtrans.common.checkpoint import CheckpointError
+from lavis_vpgtrans.models.projector import ARCH_BY_LLM_TYPE, GENERIC_CAUSAL_LM_ARCH, projector_name_of
+from lavis_vpgtrans.models.vl_llm import UNUSED_QFORMER_KEYS
 
 logger = logging.getLogger(__name__)
 
 HF_MODEL_TYPE = "blip-2"
 LLM_PREFIX = "language_model."
 HF_PROJECTOR = "language_projection"
-# Which projector name an HF BLIP-2 directory's projector gets, by its LLM's model_type: the
-# registered class for that LLM family (LAVIS's own names for OPT and Flan-T5), else the
-# generic causal-LM class.
-ARCH_BY_TEXT_MODEL = {"opt": "blip2_opt", "t5": "blip2_t5", "llama": "blip2_llama"}
-GENERIC_ARCH = "blip2_causal_lm"
 
 # (LAVIS key, transformers key) templates; {name} parts match what PLACEHOLDERS says and are
 # carried over. The ViT's q_bias / v_bias <-> qkv.bias is the one rule that is not a rename.
@@ -62,10 +59,12 @@ PLACEHOLDERS = {"p": r"weight|bias", "i": r"\d+", "n": r"[12]", "fc": r"fc[12]",
 LAVIS_QKV_BIAS = ("visual_encoder.blocks.{i}.attn.q_bias", "visual_encoder.blocks.{i}.attn.v_bias")
 HF_QKV_BIAS = "vision_model.encoder.layers.{i}.self_attn.qkv.bias"
 # LAVIS keys a VPG export leaves out on purpose: a buffer transformers recomputes, and the
-# Q-Former's text side, which image-to-text generation never runs.
-LAVIS_NOT_EXPORTED = re.compile(
-    r"^Qformer\.(bert\.embeddings\.position_ids$|cls\.|bert\.embeddings\.(word_embeddings|position_embeddings)\.|"
-    r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.)")
+# Q-Former's text side (UNUSED_QFORMER_KEYS), which image-to-text generation never runs.
+QFORMER_POSITION_IDS = "Qformer.bert.embeddings.position_ids"
+
+
+def not_exported(key: str) -> bool:
+    return key == QFORMER_POSITION_IDS or bool(UNUSED_QFORMER_KEYS.match(key))
 
 
 def _compile(template: str) -> re.Pattern:
@@ -100,7 +99,7 @@ def lavis_to_hf(state: Dict[str, torch.Tensor], projector_name: str, source: str
         elif _LAVIS_BIAS.match(key):
             m = _LAVIS_BIAS.match(key)
             biases.setdefault(m["i"], {})[m["qv"]] = value
-        elif LAVIS_NOT_EXPORTED.match(key):
+        elif not_exported(key):
             continue
         else:
             new = _rename(key, _LAVIS_TO_HF)
@@ -186,11 +185,10 @@ def read_hf_blip2_dir(path: str) -> Dict:
     from safetensors import safe_open
     from transformers import Blip2Config
 
-    from lavis_vpgtrans.models.projector import projector_name_of
-
     config = Blip2Config.from_pretrained(path)
     text_type = config.text_config.model_type
-    projector_name = projector_name_of(ARCH_BY_TEXT_MODEL.get(text_type, GENERIC_ARCH))
+    # the projector name of the class the converter and config would pick for this LLM
+    projector_name = projector_name_of(ARCH_BY_LLM_TYPE.get(text_type, GENERIC_CAUSAL_LM_ARCH))
     state = {}
     for file in _safetensors_files(path):
         with safe_open(file, framework="pt") as f:

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
 from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
-from lavis_vpgtrans.toy import zoo
+from lavis_vpgtrans.common.paths import resolve_path
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def pformer_config(model_type: str):
 
 def llm_hidden_size(llm_model: str) -> int:
     """Hidden size of an LLM from its config alone (no weights are read)."""
-    return AutoConfig.from_pretrained(zoo.resolve(llm_model)).hidden_size
+    return AutoConfig.from_pretrained(resolve_path(llm_model)).hidden_size
 
 
 class PFormerEncoder(nn.Module):
@@ -73,7 +73,7 @@ class PFormerEncoder(nn.Module):
         """`bert_model`: an HF id or local dir (or "toy:bert"); its weights initialise the
         encoder unless `load_bert_weights` is False (a trained P-Former's checkpoint follows)."""
         super().__init__()
-        path = zoo.resolve(bert_model)
+        path = resolve_path(bert_model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if load_bert_weights:
             self.bert = BertModel.from_pretrained(path, add_pooling_layer=False)
@@ -138,7 +138,7 @@ def load_frozen_pformer(model_type: str, checkpoint: str, num_query_token: int,
                          f"the model has {num_query_token} query tokens")
     encoder = PFormerEncoder(cfg.bert_model, cfg.num_query_token, width, cfg.get("prompt_width", None),
                              cfg.get("max_txt_len", 32), load_bert_weights=False)
-    path = zoo.resolve(checkpoint)
+    path = resolve_path(checkpoint)
     ckpt = load_checkpoint_file(path)
     state = ckpt["model"]
     if any(k.startswith(ENCODER_PREFIX) for k in state):

@@ -8,6 +8,11 @@ never by guessing from substrings.
 from lavis.common.registry import registry
 
 LAVIS_PROJECTOR_NAMES = {"blip2_opt": "opt_proj", "blip2_t5": "t5_proj"}
+# The model class for an LLM by its HF config's model_type: families with a class of their own
+# keep it (their released checkpoints name the projector after it); any other decoder-only
+# causal LM gets the generic class.
+ARCH_BY_LLM_TYPE = {"opt": "blip2_opt_transfer", "t5": "blip2_t5_transfer", "llama": "blip2_llama"}
+GENERIC_CAUSAL_LM_ARCH = "blip2_causal_lm"
 
 
 def projector_name_of(arch: str) -> str:

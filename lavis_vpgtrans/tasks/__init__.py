@@ -1,4 +1,5 @@
-"""Evaluation tasks registered with LAVIS: vpgtrans_captioning, vpgtrans_vqa, vpgtrans_gqa.
+"""Tasks registered with LAVIS: the evaluation tasks vpgtrans_captioning, vpgtrans_vqa,
+vpgtrans_gqa, and pformer_pretrain (P-Former stage 0, BLIP-2 stages 1 / 2 with alignment).
 
 Importing them also registers the benchmark builders they evaluate (vpgtrans_coco_caption,
 vpgtrans_nocaps, vpgtrans_vqav2, vpgtrans_okvqa, vpgtrans_gqa).
@@ -6,6 +7,7 @@ vpgtrans_nocaps, vpgtrans_vqav2, vpgtrans_okvqa, vpgtrans_gqa).
 
 from lavis_vpgtrans.datasets import benchmarks  # noqa: F401  registers the benchmark builders
 from lavis_vpgtrans.tasks.captioning import VPGTransCaptionTask
+from lavis_vpgtrans.tasks.pformer import PFormerPretrainTask
 from lavis_vpgtrans.tasks.vqa import VPGTransGQATask, VPGTransVQATask
 
-__all__ = ["VPGTransCaptionTask", "VPGTransVQATask", "VPGTransGQATask"]
+__all__ = ["VPGTransCaptionTask", "VPGTransVQATask", "VPGTransGQATask", "PFormerPretrainTask"]

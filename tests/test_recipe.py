@@ -74,6 +74,15 @@ def test_resume_after_the_switch_matches_an_uninterrupted_run(tmp_path, plugin):
     assert not torch.equal(final_resumed["opt_proj.weight"], after_switch["model"]["opt_proj.weight"])
 
 
+def test_runner_refuses_another_lavis_version(plugin):
+    from lavis_vpgtrans.runners.runner_base import LAVIS_VERSION, require_lavis
+
+    require_lavis()  # the installed one
+    with pytest.raises(RuntimeError, match=r"salesforce-lavis 1\.1\.0 is installed.*salesforce-lavis==1\.0\.2"):
+        require_lavis("1.1.0")
+    assert LAVIS_VERSION == "1.0.2"
+
+
 def test_resume_without_stage_is_refused(tmp_path, plugin):
     runner = build_runner(tmp_path)
     model = runner.unwrap_dist_model(runner.model)
@@ -94,8 +103,15 @@ def test_full_recipe_under_torchrun_gloo(tmp_path, toy_zoo):
     assert "VPGTrans stage 1" in proc.stderr and "VPGTrans stage 2" in proc.stderr
     import json
 
+    from lavis_vpgtrans.analysis.speedup import load_run
+
+    # the runner logs epochs and stages; the analysis counts paper epochs from the run's config
     lines = [json.loads(l) for l in open(os.path.join(tmp_path, "job", "metrics.jsonl"))]
-    assert [(r["epoch"], r["stage"], r["paper_epoch"], r["benchmark"]) for r in lines] == [
+    assert [(r["epoch"], r["stage"], r["benchmark"]) for r in lines] == [
+        (0, 1, "toy_caption"), (0, 1, "toy_vqa"), (1, 2, "toy_caption"), (1, 2, "toy_vqa")]
+    assert not any("paper_epoch" in r for r in lines)
+    records = load_run(os.path.join(tmp_path, "job")).records
+    assert [(r.epoch, r.stage, r.paper_epoch, r.benchmark) for r in records] == [
         (0, 1, 1, "toy_caption"), (0, 1, 1, "toy_vqa"), (1, 2, 2, "toy_caption"), (1, 2, 2, "toy_vqa")]
     assert all("agg_metrics" in r["metrics"] for r in lines)
 

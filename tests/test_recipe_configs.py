@@ -69,11 +69,14 @@ def test_stage1_is_the_papers_projector_warmup(plugin):
 def test_stage2_continues_from_stage1_on_the_papers_mixture(plugin):
     cfg = load(os.path.join(REPO, "projects", "vpgtrans", "stage2.yaml"))
     run = cfg.run_cfg
-    assert run.warmup_epochs == 0 and run.completed_warmup
+    assert run.warmup_epochs == 0
     assert dict(run.train_dataset_ratios) == {"vpgtrans_coco_caption_train": 0.1, "vpgtrans_vg_caption": 0.2,
                                               "laion_coco": 0.7}
     assert cfg.model_cfg.train_vpg
-    assert cfg.model_cfg.projector_checkpoint.endswith("stage1/checkpoint_0.pth")
+    # the stage-1 run's checkpoint, where stage1.yaml's run writes it (the analysis then counts
+    # this run's epochs after the warm-up)
+    stage1 = load(os.path.join(REPO, "projects", "vpgtrans", "stage1.yaml")).run_cfg
+    assert cfg.model_cfg.projector_checkpoint == f"{stage1.output_dir}/{stage1.job_id}/checkpoint_0.pth"
     assert (float(run.init_lr), float(run.min_lr)) == (1e-4, 5e-5)
 
 
@@ -103,9 +106,38 @@ def test_baselines_differ_from_vpgtrans_only_where_the_paper_says(plugin):
     assert inherit.model_cfg.vpg_checkpoint == vpgtrans.model_cfg.vpg_checkpoint
     assert linear.model_cfg.train_vpg is False and linear.run_cfg.runner == "runner_vpgtrans_base"
     assert no_conv.run_cfg.warmup_epochs == 1 and no_conv.model_cfg.projector_checkpoint is None
+    job_dirs = {job_dir(cfg) for cfg in (vpgtrans, tfs, inherit, linear, no_conv)}
+    assert len(job_dirs) == 5
     for cfg in (tfs, inherit, linear, no_conv):
         assert cfg.run_cfg.max_epoch == vpgtrans.run_cfg.max_epoch
-        assert cfg.run_cfg.output_dir != vpgtrans.run_cfg.output_dir
+
+
+def job_dir(cfg):
+    return f"{cfg.run_cfg.output_dir}/{cfg.run_cfg.job_id}"
+
+
+PFORMER = sorted(glob.glob(os.path.join(REPO, "projects", "pformer", "*.yaml")))
+
+
+def test_checkpoint_paths_are_where_the_recipes_write_them(plugin):
+    """Every recipe has a fixed job_id, so the checkpoint paths one config reads from another's
+    run are known: <output_dir>/<job_id>/checkpoint_*.pth."""
+    configs = {path: load(path) for path in RECIPES + PFORMER}
+    for path, cfg in configs.items():
+        assert cfg.run_cfg.get("job_id"), f"{path}: no run.job_id (the run would land in a timestamped dir)"
+    written = {job_dir(cfg) for cfg in configs.values()}
+    written.add("output/vpgtrans/explore/source_opt125m")  # explore.sh: tfs.yaml with run.job_id=source_opt125m
+    read = 0
+    for path, cfg in configs.items():
+        for key in ("vpg_checkpoint", "projector_checkpoint", "finetuned", "pformer_checkpoint"):
+            value = cfg.model_cfg.get(key, None)
+            if isinstance(value, str) and value.startswith("output/"):
+                read += 1
+                if value.startswith("output/vpgtrans/converter/"):  # the converter's --out in run_scripts/vpgtrans
+                    continue
+                assert os.path.dirname(value) in written, f"{path}: model.{key}={value} is no recipe's job dir"
+                assert os.path.basename(value).startswith("checkpoint_"), value
+    assert read >= 10
 
 
 def test_base_config_chain_and_missing_base(tmp_path):

@@ -219,3 +219,86 @@ def test_cli_bad_input_fails_cleanly(tmp_path, capsys):
                     "--metric", "coco_caption"]) == 2
     assert "--metric expects BENCH=METRIC" in capsys.readouterr().err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- paper epochs from the config
+
+def runner_lines(scores, stages=None, benchmark="coco_caption"):
+    """metrics.jsonl lines as the runner writes them: epochs (and runner_vpgtrans's stages), no paper epochs."""
+    return [{"run_id": "r-1", "epoch": e, **({"stage": stages[e]} if stages else {}), "benchmark": benchmark,
+             "split": "val", "metrics": {"agg_metrics": s}} for e, s in enumerate(scores)]
+
+
+def write_run(job_dir, lines, run, model=None):
+    """A job dir as train.py leaves it: LAVIS's log.txt (the config, then stats lines) and metrics.jsonl."""
+    write_log(str(job_dir), lines)
+    config = {"run": {"output_dir": "out", "seed": 42, **run}, "model": {"arch": "blip2_opt_transfer", **(model or {})},
+              "datasets": {}}
+    with open(os.path.join(job_dir, "log.txt"), "w") as f:
+        f.write(json.dumps(config, indent=4) + "\n" + json.dumps({"train_loss": "1.0"}) + "\n")
+    return str(job_dir)
+
+
+def counted(run):
+    return [(r.epoch, r.stage, r.paper_epoch) for r in run.records]
+
+
+def test_paper_epochs_are_counted_from_the_runs_config(tmp_path, plugin):
+    two_stage = sp.load_run(write_run(tmp_path / "vt", runner_lines([0.3, 0.4, 0.6], [1, 1, 2]),
+                                      {"runner": "runner_vpgtrans", "warmup_epochs": 2, "max_epoch": 3}))
+    assert counted(two_stage) == [(0, 1, 1), (1, 1, 1), (2, 2, 2)]
+    assert two_stage.scores("coco_caption", "agg_metrics") == {1: 0.4, 2: 0.6}
+    # runner_vpgtrans's default is one warm-up epoch; any other runner has a single stage
+    default = sp.load_run(write_run(tmp_path / "d", runner_lines([0.3, 0.4], [1, 2]), {"runner": "runner_vpgtrans"}))
+    assert counted(default) == [(0, 1, 1), (1, 2, 2)]
+    plain = sp.load_run(write_run(tmp_path / "p", runner_lines([0.3, 0.4]), {"runner": "runner_vpgtrans_base"}))
+    assert counted(plain) == [(0, 2, 1), (1, 2, 2)] and plain.counting == "epoch e = paper epoch e + 1"
+    # the speed-up against a TFS run counted the same way
+    tfs = sp.load_run(write_run(tmp_path / "tfs", runner_lines([0.1, 0.5, 0.45], [2, 2, 2]),
+                                {"runner": "runner_vpgtrans", "warmup_epochs": 0}))
+    cell = sp.speedup_table(tfs, [two_stage]).cells[("vt", "coco_caption")]
+    assert (cell.e_baseline, cell.e_run, cell.speedup) == (2, 2, 1.0)
+
+
+def test_stage2_after_a_stage1_run_counts_from_paper_epoch_2(tmp_path, plugin):
+    launch = tmp_path / "repo"  # where both runs were launched from; the configs hold relative paths
+    write_run(launch / "out" / "stage1", runner_lines([0.3], [1]),
+              {"runner": "runner_vpgtrans", "warmup_epochs": 1, "max_epoch": 1, "output_dir": "out"})
+    (launch / "out" / "stage1" / "checkpoint_0.pth").write_bytes(b"")
+    stage2 = write_run(launch / "out" / "stage2", runner_lines([0.4, 0.5], [2, 2]),
+                       {"runner": "runner_vpgtrans", "warmup_epochs": 0, "output_dir": "out"},
+                       {"projector_checkpoint": "out/stage1/checkpoint_0.pth"})
+    run = sp.load_run(stage2)  # from another working directory: found through the run's own output_dir
+    assert counted(run) == [(0, 2, 2), (1, 2, 3)]
+    assert run.counting == f"stage 2 after the stage-1 run {launch / 'out' / 'stage1'}: epoch e = paper epoch e + 2"
+
+    # a projector from the converter (no run record beside it) or a full two-stage run: counted from 1
+    (launch / "init.pth").write_bytes(b"")
+    conv = write_run(launch / "out" / "conv", runner_lines([0.4]), {"output_dir": "out"},
+                     {"projector_checkpoint": "init.pth"})
+    assert counted(sp.load_run(conv)) == [(0, 2, 1)]
+    write_run(launch / "out" / "full", runner_lines([0.3, 0.4], [1, 2]),
+              {"runner": "runner_vpgtrans", "warmup_epochs": 1, "max_epoch": 2, "output_dir": "out"})
+    (launch / "out" / "full" / "checkpoint_best.pth").write_bytes(b"")
+    more = write_run(launch / "out" / "more", runner_lines([0.4]), {"output_dir": "out"},
+                     {"projector_checkpoint": "out/full/checkpoint_best.pth"})
+    assert counted(sp.load_run(more)) == [(0, 2, 1)]
+
+    # the checkpoint is gone: said, and counted from 1
+    gone = write_run(launch / "out" / "gone", runner_lines([0.4]), {"output_dir": "out"},
+                     {"projector_checkpoint": "out/nowhere/checkpoint_0.pth"})
+    with pytest.warns(sp.EpochCountWarning, match="out/nowhere/checkpoint_0.pth is not found"):
+        assert counted(sp.load_run(gone)) == [(0, 2, 1)]
+
+
+def test_config_and_log_disagreeing_is_an_error(tmp_path, plugin):
+    job = write_run(tmp_path / "vt", runner_lines([0.3, 0.4], [1, 1]), {"runner": "runner_vpgtrans", "warmup_epochs": 1})
+    with pytest.raises(sp.LogError, match=r"metrics.jsonl:2: the runner logged stage 1 for epoch 1, but the run's "
+                                          r"config \(.*log.txt\) makes it stage 2"):
+        sp.load_run(job)
+    # two launches (a resume) that count differently are not one run
+    job = write_run(tmp_path / "two", runner_lines([0.3, 0.4]), {"runner": "runner_vpgtrans", "warmup_epochs": 1})
+    with open(os.path.join(job, "log.txt"), "a") as f:
+        f.write(json.dumps({"run": {"runner": "runner_vpgtrans", "warmup_epochs": 0}, "model": {}}, indent=4) + "\n")
+    with pytest.raises(sp.LogError, match="count epochs differently"):
+        sp.load_run(job)

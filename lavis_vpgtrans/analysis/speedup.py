@@ -5,17 +5,25 @@ convergence plots from the runs' metrics.jsonl logs.
         [--run NAME=DIR ...] [--metric BENCH=METRIC ...] [--out DIR]
 
 Each run directory holds metrics.jsonl (or a single job subdirectory holding it, as LAVIS
-writes <output_dir>/<job_id>/), one JSON object per (epoch, benchmark, split) evaluation:
+writes <output_dir>/<job_id>/), one JSON object per (epoch, benchmark, split) evaluation,
+and LAVIS's log.txt, which starts with the run's config:
 
-    {"run_id": "job-3f2a9c1e", "epoch": 3, "paper_epoch": 3, "stage": 2, "benchmark": "coco_caption",
+    {"run_id": "job-3f2a9c1e", "epoch": 3, "stage": 2, "benchmark": "coco_caption",
      "split": "val", "metrics": {"CIDEr": 0.71, "agg_metrics": 0.71}}
 
 A file whose lines carry different run ids (two runs wrote into one directory) is refused;
 lines without a run id (logs written before run ids were recorded) count as one run.
 
-`paper_epoch` is the paper's 1-based epoch count, in which the whole stage 1 (projector
-warm-up) is epoch 1; when stage 1 spans several runner epochs, the last of them stands for
-paper epoch 1.
+The runner records epochs; the paper's 1-based epoch count, in which the whole stage 1
+(projector warm-up) is epoch 1, is derived here from the run's config (`EpochCount`):
+  - a runner_vpgtrans run: epochs [0, run.warmup_epochs) are stage 1, all paper epoch 1 (the
+    last of them stands for it); later epochs count on from paper epoch 2;
+  - any other run, or warmup_epochs 0: epoch e is paper epoch e + 1 -- or e + 2 when its
+    model.projector_checkpoint is a checkpoint of a stage-1-only run (a runner_vpgtrans run
+    with warmup_epochs = max_epoch, recognised by that run's log.txt next to the checkpoint):
+    stage 2 run separately after its warm-up, as projects/vpgtrans/stage2.yaml does.
+Lines that carry their own `paper_epoch` (and `stage`; logs written by earlier versions) are
+read as they are.
 
 Speed-up (paper §4.2): the baseline reaches its best score p on a benchmark first at epoch
 e_base; the run first scores strictly more than p at epoch e_run; speed-up = e_base / e_run,
@@ -32,11 +40,13 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 METRICS_FILE = "metrics.jsonl"
 DEFAULT_METRIC = "agg_metrics"
-REQUIRED_KEYS = ("epoch", "paper_epoch", "stage", "benchmark", "metrics")
+REQUIRED_KEYS = ("epoch", "benchmark", "metrics")
+LOG_FILE = "log.txt"  # LAVIS's run log: the config (json), then one json line per epoch's stats
 # Column order of the paper's Table 3; other benchmarks follow in order of appearance.
 PAPER_BENCHMARK_ORDER = ("coco_caption", "nocaps", "vqav2", "gqa", "okvqa")
 DEFAULT_NAMES = {"tfs": "TFS", "inherit": "VPG inherit", "vpgtrans": "VPGTrans"}
@@ -53,6 +63,10 @@ class MissingEpochWarning(UserWarning):
 
 class MissingBenchmarkWarning(UserWarning):
     """A benchmark evaluated in some of the compared runs but not in others."""
+
+
+class EpochCountWarning(UserWarning):
+    """The paper's epoch count of a run rests on a guess (e.g. its projector_checkpoint is gone)."""
 
 
 @dataclass
@@ -75,6 +89,7 @@ class Run:
 
     name: str
     path: str  # the metrics.jsonl file
+    counting: str = "as logged"  # how paper epochs were counted (EpochCount.describe)
     series: Dict[str, Dict[int, Record]] = field(default_factory=dict)
     records: List[Record] = field(default_factory=list)  # every record, in file order
 
@@ -127,7 +142,8 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _parse_record(text: str, where: str, line: int) -> Record:
+def _parse_record(text: str, where: str, line: int, count) -> Record:
+    """One metrics.jsonl line; `count()` gives the run's EpochCount (None without a config)."""
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as err:
@@ -137,9 +153,22 @@ def _parse_record(text: str, where: str, line: int) -> Record:
     missing = [key for key in REQUIRED_KEYS if key not in obj]
     if missing:
         raise LogError(f"{where}: missing key(s) {', '.join(repr(k) for k in missing)}")
-    epoch, paper_epoch, stage = obj["epoch"], obj["paper_epoch"], obj["stage"]
+    epoch = obj["epoch"]
     if not _is_int(epoch) or epoch < 0:
         raise LogError(f"{where}: 'epoch' must be an integer >= 0, got {epoch!r}")
+    if "paper_epoch" in obj:  # written by an earlier version: its own count, read as it is
+        if "stage" not in obj:
+            raise LogError(f"{where}: missing key 'stage' (a line with 'paper_epoch' must have it)")
+        paper_epoch, stage = obj["paper_epoch"], obj["stage"]
+    else:
+        epoch_count = count()
+        if epoch_count is None:
+            raise LogError(f"{where}: missing key 'paper_epoch' and no run config ({LOG_FILE} beside it) "
+                           f"to count it from")
+        paper_epoch, stage = epoch_count.paper_epoch(epoch), epoch_count.stage(epoch)
+        if "stage" in obj and obj["stage"] != stage:
+            raise LogError(f"{where}: the runner logged stage {obj['stage']!r} for epoch {epoch}, but the run's "
+                           f"config ({epoch_count.source}) makes it stage {stage}")
     if not _is_int(paper_epoch) or paper_epoch < 1:
         raise LogError(f"{where}: 'paper_epoch' must be an integer >= 1, got {paper_epoch!r}")
     if stage not in (1, 2) or not _is_int(stage):
@@ -211,13 +240,21 @@ def _warn_missing_epochs(path: str, records: Sequence[Record]) -> None:
 
 def load_run(path: str, name: Optional[str] = None) -> Run:
     """Reads and validates a run's metrics.jsonl (`path`: the file, its directory, or the
-    directory above a single job subdirectory)."""
+    directory above a single job subdirectory); paper epochs are counted from the run's config
+    in the log.txt beside it (see EpochCount)."""
     metrics_file = find_metrics_file(path)
+    counted = []  # the run's EpochCount, read at the first line that needs it
+
+    def count() -> Optional[EpochCount]:
+        if not counted:
+            counted.append(epoch_count_of(metrics_file))
+        return counted[0]
+
     records: List[Record] = []
     with open(metrics_file) as f:
         for number, text in enumerate(f, start=1):
             if text.strip():
-                records.append(_parse_record(text, f"{metrics_file}:{number}", number))
+                records.append(_parse_record(text, f"{metrics_file}:{number}", number, count))
     if not records:
         raise LogError(f"{metrics_file}: no evaluation records")
     _check_one_run(metrics_file, records)
@@ -237,7 +274,128 @@ def load_run(path: str, name: Optional[str] = None) -> Run:
         if held is None or record.epoch >= held.epoch:
             by_epoch[record.paper_epoch] = record
     return Run(name=name or os.path.basename(os.path.normpath(path)), path=metrics_file, series=series,
-               records=records)
+               records=records, counting=counted[0].describe() if counted and counted[0] else "as logged")
+
+
+# ---------------------------------------------------------------------------- paper epochs
+
+@dataclass(frozen=True)
+class EpochCount:
+    """The paper's epoch count of a run's epochs: stage 1 (the first `warmup_epochs`) is
+    paper epoch 1; stage 2 counts on from 2, or from 1 in a run with no warm-up at all."""
+
+    warmup_epochs: int = 0
+    after_warmup: Optional[str] = None  # the job dir of the stage-1 run this run continues
+    source: str = ""  # the log.txt the config was read from
+
+    def stage(self, epoch: int) -> int:
+        return 1 if epoch < self.warmup_epochs else 2
+
+    def paper_epoch(self, epoch: int) -> int:
+        if epoch < self.warmup_epochs:
+            return 1
+        return epoch - self.warmup_epochs + (2 if self.warmup_epochs or self.after_warmup else 1)
+
+    def describe(self) -> str:
+        if self.warmup_epochs:
+            return f"epochs 0-{self.warmup_epochs - 1} are stage 1 = paper epoch 1, then epoch e = paper epoch " \
+                   f"e - {self.warmup_epochs} + 2"
+        if self.after_warmup:
+            return f"stage 2 after the stage-1 run {self.after_warmup}: epoch e = paper epoch e + 2"
+        return "epoch e = paper epoch e + 1"
+
+
+def run_configs(log_file: str) -> List[dict]:
+    """The configs LAVIS's RunnerBase.log_config wrote into log.txt, one per launch (a resumed
+    run adds one); the per-epoch stats lines in between are skipped."""
+    with open(log_file, encoding="utf-8") as f:
+        text = f.read()
+    decoder, pos, configs = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return configs
+        try:
+            obj, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:  # not json (e.g. a line cut by a crash): on to the next line
+            pos = text.find("\n", pos)
+            pos = len(text) if pos < 0 else pos
+            continue
+        if isinstance(obj, dict) and isinstance(obj.get("run"), dict) and isinstance(obj.get("model"), dict):
+            configs.append(obj)
+
+
+def _warmup_epochs(run_cfg: Mapping) -> int:
+    """Stage-1 epochs of a run: those of a runner_vpgtrans (or subclass) run, else none."""
+    from lavis.common.registry import registry
+
+    from lavis_vpgtrans.runners.runner_vpgtrans import VPGTransRunner
+
+    runner = registry.get_runner_class(run_cfg.get("runner")) if run_cfg.get("runner") else None
+    return VPGTransRunner.warmup_epochs_in(run_cfg) if runner and issubclass(runner, VPGTransRunner) else 0
+
+
+def _is_stage1_only(run_cfg: Mapping) -> bool:
+    iters = run_cfg.get("iters_per_inner_epoch")
+    max_epoch = int(run_cfg.get("max_iters", 0)) // int(iters) if iters else int(run_cfg.get("max_epoch", 0))
+    return 0 < max_epoch <= _warmup_epochs(run_cfg)
+
+
+def _launch_dirs(job_dir: str, run_cfg: Mapping) -> List[str]:
+    """Where a relative path in the run's config may start: the directory the run was launched
+    from (job_dir = <there>/<run.output_dir>/<job_id> for a relative output_dir), then here."""
+    bases = []
+    output_dir = run_cfg.get("output_dir") or ""
+    if output_dir and not os.path.isabs(output_dir):
+        tail = Path(os.path.normpath(output_dir)).parts
+        job = Path(os.path.abspath(job_dir))
+        if job.parts[-len(tail) - 1:-1] == tail and len(job.parts) > len(tail) + 1:
+            bases.append(str(job.parents[len(tail)]))
+    return bases + [os.getcwd()]
+
+
+def _stage1_run_of(checkpoint: str, job_dir: str, run_cfg: Mapping) -> Optional[str]:
+    """The job dir of the stage-1-only run that wrote `checkpoint` (a projector_checkpoint),
+    recognised by that run's log.txt beside it; None for anything else (a converter output,
+    a released model, a URL)."""
+    if "://" in checkpoint:
+        return None
+    path = os.path.expanduser(checkpoint)
+    candidates = [path] if os.path.isabs(path) else [os.path.join(b, path) for b in _launch_dirs(job_dir, run_cfg)]
+    found = next((c for c in candidates if os.path.exists(c)), None)
+    if found is None:
+        warnings.warn(f"{job_dir}: model.projector_checkpoint={checkpoint} is not found (looked for "
+                      f"{' and '.join(candidates)}): cannot tell whether this run follows a stage-1 (warm-up) run; "
+                      f"its epochs are counted from paper epoch 1", EpochCountWarning, stacklevel=2)
+        return None
+    log_file = os.path.join(os.path.dirname(os.path.abspath(found)), LOG_FILE)
+    configs = run_configs(log_file) if os.path.isfile(log_file) else []
+    if configs and all(_is_stage1_only(c["run"]) for c in configs):
+        return os.path.dirname(os.path.abspath(found))
+    return None
+
+
+def _epoch_count(config: Mapping, log_file: str) -> EpochCount:
+    run_cfg, model_cfg = config["run"], config["model"]
+    warmup = _warmup_epochs(run_cfg)
+    checkpoint = model_cfg.get("projector_checkpoint")
+    after = _stage1_run_of(str(checkpoint), os.path.dirname(log_file), run_cfg) if not warmup and checkpoint else None
+    return EpochCount(warmup_epochs=warmup, after_warmup=after, source=log_file)
+
+
+def epoch_count_of(metrics_file: str) -> Optional[EpochCount]:
+    """The EpochCount of the run that wrote `metrics_file`, from the config(s) in the log.txt
+    beside it; None when there is none."""
+    log_file = os.path.join(os.path.dirname(metrics_file), LOG_FILE)
+    configs = run_configs(log_file) if os.path.isfile(log_file) else []
+    if not configs:
+        return None
+    counts = list(dict.fromkeys(_epoch_count(config, log_file) for config in configs))
+    if len(counts) > 1:
+        raise LogError(f"{log_file}: the run's launches count epochs differently ("
+                       + "; ".join(c.describe() for c in counts) + "): they are not one run")
+    return counts[0]
 
 
 # ---------------------------------------------------------------------------- speed-up
@@ -502,6 +660,7 @@ def run_analysis(tfs: Run, vpgtrans: Run, inherit: Optional[Run] = None, others:
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         summary = {"runs": {run.name: run.path for run in runs},
+                   "epoch_counting": {run.name: run.counting for run in runs},
                    "metrics": {b: metric_of(b, metrics) for b in order_benchmarks(
                        b for run in runs for b in run.benchmarks)},
                    "tables": [table.to_json() for table in tables]}
@@ -526,6 +685,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", MissingBenchmarkWarning)
         warnings.simplefilter("always", MissingEpochWarning)
+        warnings.simplefilter("always", EpochCountWarning)
         try:
             metrics = _metric_choices(args.metric)
             named = {"tfs": _named_path(args.tfs, DEFAULT_NAMES["tfs"]),
@@ -534,6 +694,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 named["inherit"] = _named_path(args.inherit, DEFAULT_NAMES["inherit"])
             loaded = {role: load_run(path, name) for role, (name, path) in named.items()}
             others = [load_run(path, name) for name, path in (_named_path(v, None) for v in args.run)]
+            for run in [*loaded.values(), *others]:
+                print(f"{run.name}: {run.counting}", file=sys.stderr)
             _, markdown = run_analysis(loaded["tfs"], loaded["vpgtrans"], loaded.get("inherit"), others,
                                        metrics, args.out)
         except (LogError, OSError) as err:

@@ -1,5 +1,14 @@
 """LAVIS's RunnerBase, made to run on CPU, single-process and under torchrun with gloo.
 
+Written against salesforce-lavis 1.0.2 (checked when a runner is built: `require_lavis`),
+whose RunnerBase it extends through private members that a later LAVIS may rename or drop:
+  - attributes set by RunnerBase.__init__ that it reads and resets: `_model`,
+    `_wrapped_model`, `_optimizer`, `_lr_sched`, `_scaler`, `_dataloaders`;
+  - private methods it overrides under LAVIS's names:
+    `_save_checkpoint`, `_load_checkpoint`, `_reload_best_model`;
+  - also overridden: `setup_output_dir`, `create_loaders`, `train`, `train_epoch`,
+    `eval_epoch`, `evaluate` and the properties `model`, `scaler`, `dataloaders`, `max_epoch`.
+
 Fixes, each where LAVIS 1.0.2 breaks:
   - `model` returned None when the model was already on its device (e.g. device: cpu);
   - dist.barrier() ran unguarded after every epoch (crashes without a process group);
@@ -9,10 +18,15 @@ Fixes, each where LAVIS 1.0.2 breaks:
     process died re-registering its paths;
   - checkpoints leaked tied / frozen weights and buffers, were written non-atomically, and
     were read back with pickle and a silent strict=False fallback.
+
+The runner records epochs (metrics.jsonl: run id, epoch, benchmark, split, metrics, plus what
+a subclass adds in `epoch_record`); the paper's epoch count is the analysis's business
+(lavis_vpgtrans.analysis.speedup derives it from the run's config).
 """
 
 import datetime
 import functools
+import importlib.metadata
 import json
 import logging
 import math
@@ -43,6 +57,18 @@ from lavis_vpgtrans.common.dist import from_rank0
 from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
 
 
+LAVIS_VERSION = "1.0.2"  # the salesforce-lavis whose RunnerBase internals this runner relies on
+
+
+def require_lavis(found=None) -> None:
+    """Raises if the installed salesforce-lavis is not the version this runner was written against."""
+    found = found or importlib.metadata.version("salesforce-lavis")
+    if found != LAVIS_VERSION:
+        raise RuntimeError(f"lavis_vpgtrans's runner overrides private members of LAVIS {LAVIS_VERSION}'s RunnerBase "
+                           f"(see lavis_vpgtrans/runners/runner_base.py), but salesforce-lavis {found} is installed: "
+                           f"install salesforce-lavis=={LAVIS_VERSION}")
+
+
 def _without_skipped(collate, samples):
     return collate([s for s in samples if s is not None])
 
@@ -67,6 +93,7 @@ class PortableRunner(RunnerBase):
 
 
     def __init__(self, cfg, task, model, datasets, job_id):
+        require_lavis()
         self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
         # what the loop decides with; saved in every checkpoint and restored on resume
         self.best_agg_metric, self.best_epoch = -math.inf, 0
@@ -247,15 +274,12 @@ class PortableRunner(RunnerBase):
         np.random.seed(seed % 2**32)
         torch.manual_seed(seed)
 
-    # ------------------------------------------------------------------ stages
+    # ------------------------------------------------------------------ record
 
-    def stage_of(self, epoch) -> int:
-        """1: projector warm-up, 2: joint (or single-stage) training. One stage here."""
-        return 2
-
-    def paper_epoch_of(self, epoch) -> int:
-        """The epoch count of the paper's speed-up metric (1-based)."""
-        return epoch + 1
+    def epoch_record(self, epoch) -> dict:
+        """Hook: what a subclass records about an epoch besides its number, in metrics.jsonl
+        and the epoch's checkpoints (runner_vpgtrans: its stage)."""
+        return {}
 
     # ------------------------------------------------------------------ validation
 
@@ -266,8 +290,8 @@ class PortableRunner(RunnerBase):
     @main_process
     def log_metrics(self, epoch, benchmark, split, metrics):
         """One line of metrics.jsonl, read by lavis_vpgtrans.analysis.speedup."""
-        record = {"run_id": self.run_id, "epoch": epoch, "paper_epoch": self.paper_epoch_of(epoch), "stage": self.stage_of(epoch),
-                  "benchmark": benchmark, "split": split,
+        record = {"run_id": self.run_id, "epoch": epoch, **self.epoch_record(epoch), "benchmark": benchmark,
+                  "split": split,
                   "metrics": {k: v for k, v in metrics.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
@@ -424,7 +448,7 @@ class PortableRunner(RunnerBase):
             "config": self.config.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
-            "stage": self.stage_of(cur_epoch),
+            **self.epoch_record(cur_epoch),
             "iters": (cur_epoch + 1) * (self.iters_per_inner_epoch or len(self.train_loader)),
             "loop": {"run_id": self.run_id, "validated": bool(validated), "best_epoch": self.best_epoch,
                      "best_agg_metric": None if self.best_agg_metric == -math.inf else float(self.best_agg_metric)},

@@ -11,9 +11,10 @@
 At the switch the trainable set changes, so the optimizer, the lr scheduler and the DDP
 wrapper are rebuilt. Checkpoints carry their stage; resuming enters that stage first.
 With warmup_epochs: 0 the runner is plain stage-2 training (the train-from-scratch and
-VPG-inherit baselines); with warmup_epochs = max_epoch it is stage 1 alone. A stage 2 run
-after a separate stage-1 run sets `completed_warmup: true`, so that its epochs are counted
-after the warm-up epoch in metrics.jsonl (the paper counts the whole stage 1 as epoch 1).
+VPG-inherit baselines); with warmup_epochs = max_epoch it is stage 1 alone. metrics.jsonl
+records each epoch's stage; the paper's epoch count (the whole stage 1 is epoch 1, and a
+stage-2 run whose projector_checkpoint comes from a stage-1 run starts at epoch 2) is derived
+from the run's config by lavis_vpgtrans.analysis.speedup.
 """
 
 import logging
@@ -56,9 +57,14 @@ class VPGTransRunner(PortableRunner):
             raise ValueError(f"run.warmup_epochs={self.warmup_epochs} must be in [0, max_epoch={self.max_epoch}]")
         self.stage = None
 
+    @staticmethod
+    def warmup_epochs_in(run_cfg) -> int:
+        """The stage-1 epochs of a run with this `run` config (also read by the analysis)."""
+        return int(run_cfg.get("warmup_epochs", 1))
+
     @property
     def warmup_epochs(self) -> int:
-        return int(self.config.run_cfg.get("warmup_epochs", 1))
+        return self.warmup_epochs_in(self.config.run_cfg)
 
     @property
     def warmup_lr_scale(self) -> float:
@@ -67,12 +73,8 @@ class VPGTransRunner(PortableRunner):
     def stage_of(self, epoch) -> int:
         return 1 if epoch < self.warmup_epochs else 2
 
-    def paper_epoch_of(self, epoch) -> int:
-        # the whole stage 1 counts as the first epoch (paper, Table 3)
-        if self.stage_of(epoch) == 1:
-            return 1
-        had_warmup = self.warmup_epochs > 0 or bool(self.config.run_cfg.get("completed_warmup", False))
-        return epoch - self.warmup_epochs + (2 if had_warmup else 1)
+    def epoch_record(self, epoch) -> dict:
+        return {"stage": self.stage_of(epoch)}  # resume enters the checkpoint's stage
 
     def enter_stage(self, stage: int) -> None:
         if stage == self.stage:

@@ -15,10 +15,9 @@ CONVERTED=$OUT/converter/$NAME.pth
 $PY -m lavis_vpgtrans.transfer.converter --src "$SRC_LLM" --tgt "$TGT_LLM" --projector "$SOURCE_CKPT" \
   --src-arch "$SRC_ARCH" --tgt-arch "$TGT_ARCH" --out "$CONVERTED"
 
+# stage 1 reads the converter's output and writes <output_dir>/stage1/checkpoint_0.pth, which
+# stage 2 reads (the paths in the configs); both inherit the VPG of SOURCE_CKPT
 $PY -m torch.distributed.run --nproc_per_node="$NPROC" train.py --cfg-path "$STAGE1_CFG" \
-  --options run.data_root="$DATA" model.llm_model="$TGT_LLM" model.projector_checkpoint="$CONVERTED" \
-  run.job_id=stage1 ${OPTIONS:-}
-STAGE1_DIR=$($PY -c "from omegaconf import OmegaConf; from lavis_vpgtrans.common.config import load_config; print(load_config('$STAGE1_CFG').run.output_dir)")
+  --options run.data_root="$DATA" model.llm_model="$TGT_LLM" model.vpg_checkpoint="$SOURCE_CKPT" ${OPTIONS:-}
 $PY -m torch.distributed.run --nproc_per_node="$NPROC" train.py --cfg-path "$STAGE2_CFG" \
-  --options run.data_root="$DATA" model.llm_model="$TGT_LLM" \
-  model.projector_checkpoint="$STAGE1_DIR/stage1/checkpoint_0.pth" run.job_id=stage2 ${OPTIONS:-}
+  --options run.data_root="$DATA" model.llm_model="$TGT_LLM" model.vpg_checkpoint="$SOURCE_CKPT" ${OPTIONS:-}

@@ -99,6 +99,10 @@ class PortableRunner(RunnerBase):
         self.best_agg_metric, self.best_epoch = -math.inf, 0
         self.run_id = new_run_id(job_id)  # a resumed run takes its checkpoint's
         super().__init__(cfg=cfg, task=task, model=model, datasets=datasets, job_id=job_id)
+        # the validation's name in metrics.jsonl: the datasets that hold a validation split (the
+        # training sets of a recipe, e.g. COCO train + SBU beside COCO val, are not part of it)
+        validated = [name for name, splits in datasets.items() if set(self.valid_splits) & set(splits)]
+        self.benchmark_name = "+".join(validated or self.config.datasets_cfg.keys())
 
     # ------------------------------------------------------------------ setup
 
@@ -283,9 +287,6 @@ class PortableRunner(RunnerBase):
 
     # ------------------------------------------------------------------ validation
 
-    @property
-    def benchmark_name(self) -> str:
-        return "+".join(self.config.datasets_cfg.keys())
 
     @main_process
     def log_metrics(self, epoch, benchmark, split, metrics):

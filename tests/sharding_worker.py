@@ -68,7 +68,7 @@ def measure(family, checkpointing):
     state = sharding.full_trainable_state(model)
     optim_state = sharding.full_optimizer_state(model, optimizer)
     resumed = sharding.shard_model(build(family, seed_offset=13), cfg)
-    sharding.load_full_state(resumed, state)
+    sharding.load_trained_state(resumed, state, "the interrupted run's weights")
     resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
     sharding.load_full_optimizer_state(resumed, resumed_optimizer, optim_state)
     train(resumed, resumed, data[2:], resumed_optimizer, first_step=2)

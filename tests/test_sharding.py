@@ -10,9 +10,78 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RECIPE_CFG = os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_recipe_opt.yaml")
 
 
-SPECS = ["opt:0", "llama:1", "t5:0"]  # family : LLM + Q-Former activation checkpointing
+def train_py(out, *options):
+    """The two-stage recipe (1 warm-up + 1 joint epoch) through train.py on 2 gloo processes."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(REPO, "train.py"), "--cfg-path", RECIPE_CFG, "--options", f"run.output_dir={out}",
+         "run.job_id=job", "run.batch_size_train=32", "run.max_epoch=2", "run.extra_validation=[]", *options],
+        cwd=out, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    held = [int(line.split("holds ")[1].split()[0]) for line in proc.stderr.splitlines()
+            if "this rank holds" in line]
+    return os.path.join(out, "job"), held
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="module")
+def recipe_runs(tmp_path_factory, toy_zoo):
+    ddp_dir, ddp_held = train_py(tmp_path_factory.mktemp("ddp"), "run.valid_splits=[]")
+    fsdp_dir, fsdp_held = train_py(tmp_path_factory.mktemp("fsdp"), "run.fsdp=true")
+    resumed_dir, _ = train_py(tmp_path_factory.mktemp("resumed"), "run.fsdp=true", "run.valid_splits=[]",
+                              f"run.resume_ckpt_path={os.path.join(fsdp_dir, 'checkpoint_0.pth')}")
+    return dict(ddp=ddp_dir, fsdp=fsdp_dir, resumed=resumed_dir, ddp_held=ddp_held, fsdp_held=fsdp_held)
+
+
+def test_train_py_with_the_llm_sharded_trains_as_ddp(recipe_runs):
+    # rank 0 logs what it holds (LAVIS logs INFO on rank 0 only): half of the LLM
+    assert recipe_runs["ddp_held"] and recipe_runs["fsdp_held"]
+    assert max(recipe_runs["fsdp_held"]) / min(recipe_runs["ddp_held"]) == pytest.approx(0.5, abs=0.01)
+    # stage 1 (projector) then stage 2 (VPG + projector), validation and the best checkpoint
+    # between: the same weights as the DDP run on the same data and seed
+    ddp, fsdp = weights(os.path.join(recipe_runs["ddp"], "checkpoint_1.pth")), \
+        weights(os.path.join(recipe_runs["fsdp"], "checkpoint_1.pth"))
+    assert fsdp.keys() == ddp.keys() and len(fsdp) > 2
+    for name, value in ddp.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert os.path.isfile(os.path.join(recipe_runs["fsdp"], "checkpoint_best.pth"))
+
+
+def test_a_sharded_run_resumes_exactly_and_its_checkpoint_loads_unsharded(recipe_runs, plugin):
+    from helpers import load_tiny
+    from lavis_vpgtrans.common.checkpoint import load_trained_state
+
+    final = weights(os.path.join(recipe_runs["fsdp"], "checkpoint_1.pth"))
+    resumed = weights(os.path.join(recipe_runs["resumed"], "checkpoint_1.pth"))
+    assert resumed.keys() == final.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(resumed[name], value, rtol=0, atol=0, msg=name)
+    model = load_tiny("blip2_opt_transfer", "tiny_opt_large", train_vpg=True)
+    load_trained_state(model, final, "the sharded run's checkpoint")
+    for name, param in model.named_parameters():
+        if name in final:
+            assert torch.equal(param.detach(), final[name])
+
+
+def test_resuming_a_sharded_checkpoint_without_fsdp_is_refused(recipe_runs, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "train.py"), "--cfg-path", RECIPE_CFG, "--options",
+         f"run.output_dir={tmp_path}", "run.job_id=job", "run.max_epoch=2", "run.extra_validation=[]",
+         f"run.resume_ckpt_path={os.path.join(recipe_runs['fsdp'], 'checkpoint_0.pth')}"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "saved with run.fsdp; resume it with run.fsdp" in proc.stderr
+
+
+# family : LLM + Q-Former activation checkpointing (OPT without: the train.py runs above)
+SPECS = ["llama:1", "t5:0"]
 
 
 @pytest.fixture(scope="module")
@@ -78,11 +147,11 @@ def test_fsdp_settings_are_checked():
 
     from lavis_vpgtrans.common.sharding import ShardingConfig
 
-    assert ShardingConfig.from_run_config(OmegaConf.create({})) is None
-    assert ShardingConfig.from_run_config(OmegaConf.create({"fsdp": True})) == ShardingConfig()
-    cfg = ShardingConfig.from_run_config(OmegaConf.create({"fsdp": {"shard_vit": False}}))
+    assert ShardingConfig.parse(None) is None and ShardingConfig.parse(False) is None
+    assert ShardingConfig.parse(True) == ShardingConfig()
+    cfg = ShardingConfig.parse(OmegaConf.create({"shard_vit": False}))
     assert cfg.shard_llm and not cfg.shard_vit
     with pytest.raises(ValueError, match="shard_lm"):
-        ShardingConfig.from_run_config(OmegaConf.create({"fsdp": {"shard_lm": True}}))
+        ShardingConfig.parse(OmegaConf.create({"shard_lm": True}))
     with pytest.raises(ValueError, match="run.fsdp.shard_vit must be true or false"):
-        ShardingConfig.from_run_config(OmegaConf.create({"fsdp": {"shard_vit": "yes"}}))
+        ShardingConfig.parse(OmegaConf.create({"shard_vit": "yes"}))

@@ -18,12 +18,15 @@ Checkpoints stay trainable-parameters-only files of full tensors (`full_trainabl
 collective: every rank calls it), which load into an unsharded model.
 """
 
+import logging
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 # the model methods that run the LLM outside `forward`: FSDP must gather the root unit for them
 FORWARD_METHODS = ("generate", "predict_answers")
@@ -37,9 +40,9 @@ class ShardingConfig:
     qformer_activation_checkpointing: bool = False
 
     @classmethod
-    def from_run_config(cls, run_cfg) -> Optional["ShardingConfig"]:
-        """`run.fsdp` as a ShardingConfig; None when the key is absent or null (plain DDP)."""
-        value = run_cfg.get("fsdp", None)
+    def parse(cls, value) -> Optional["ShardingConfig"]:
+        """The value of `run.fsdp` as a ShardingConfig: None when absent, null or false (plain DDP),
+        the defaults for true, else a mapping of the fields."""
         if value is None or value is False:
             return None
         if value is True:
@@ -115,6 +118,7 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
     for name in FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
+    model.synced_generation = True  # ranks may finish generating at different steps
     return model
 
 
@@ -130,29 +134,45 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
+def resharded(model: nn.Module) -> nn.Module:
+    """The model with every unit's parameters back in their sharded form: the root unit stays
+    gathered after a forward without backward (evaluation, generation), and its parameters are
+    then not the ones the optimizer holds."""
+    for module in model.modules():
+        if is_sharded(module):
+            module.reshard()
+    return model
+
+
 def full_trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     """The trainable parameters as full CPU tensors (gathered: every rank must call this)."""
+    resharded(model)
     return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_full_state(model: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    """Copies full tensors (e.g. a checkpoint's "model") into a sharded model's parameters, each
-    rank keeping its own shard. Names must be parameters of the model (checked by the caller's
-    `load_trained_state` rules before this)."""
+def load_trained_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """A training checkpoint's full tensors (trainable parameters, as the runner writes them) into
+    a sharded model, each rank keeping its own shard: every key must be a parameter of the model
+    and every trainable parameter must be there (the rules of checkpoint.load_trained_state)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    params = dict(model.named_parameters())
-    missing = sorted(set(state) - set(params))
-    if missing:
-        raise KeyError(f"not parameters of {type(model).__name__}: {missing[:10]}")
+    params = dict(resharded(model).named_parameters())
+    unknown = sorted(set(state) - set(params))
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    if unknown or missing:
+        raise KeyError(f"{source}: does not fit the sharded {type(model).__name__}: "
+                       f"unknown keys {unknown[:10]}, missing trainable parameters {missing[:10]}")
     with torch.no_grad():
         for name, value in state.items():
             param = params[name]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
             if isinstance(param, DTensor):
                 shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
                 param.to_local().copy_(shard.to_local())
             else:
                 param.copy_(value)
+    logger.info("loaded %d trained tensors from %s into the sharded model", len(state), source)
 
 
 def local_bytes(module: nn.Module) -> int:
@@ -171,7 +191,7 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     ranks get {}; every rank must call this). `load_full_optimizer_state` puts it back."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer,
+    return get_optimizer_state_dict(resharded(model), optimizer,
                                     options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
@@ -179,5 +199,5 @@ def load_full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     """Rank 0's `state` (from full_optimizer_state) into every rank's shard of the optimizer."""
-    set_optimizer_state_dict(model, optimizer, state,
+    set_optimizer_state_dict(resharded(model), optimizer, state,
                              options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

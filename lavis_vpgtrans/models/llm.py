@@ -113,6 +113,9 @@ class FrozenLLM:
     # training target ends with and generation stops at, or None for the tokenizer's EOS.
     # An encoder-decoder LLM (Flan-T5, LAVIS's blip2_t5) ends at its EOS.
     default_end_sym: Optional[str] = "\n"
+    # Set by common.sharding.shard_model: every rank runs generate's decoding steps until all
+    # ranks are done (transformers' synced_gpus), as each step gathers the sharded LLM.
+    synced_generation: bool = False
 
     def init_llm(self, llm_model: str, llm_precision: str = "fp16", llm_config: Optional[dict] = None,
                  end_sym=CLASS_DEFAULT, label_bos: bool = True) -> None:
@@ -180,8 +183,11 @@ class FrozenLLM:
         return {"eos_token_id": self.llm_tokenizer.eos_token_id, "stop_strings": self.end_sym}
 
     def _stop_kwargs(self) -> dict:
-        """HF generate arguments that end a sequence at the end of text, however it is tokenized."""
+        """HF generate arguments that end a sequence at the end of text, however it is tokenized
+        (and, for a sharded LLM, keep the ranks stepping together)."""
         end = self.generation_end()
+        if self.synced_generation:
+            end["synced_gpus"] = True
         stop = end.pop("stop_strings", None)
         if stop is not None:
             end["stopping_criteria"] = StoppingCriteriaList([StopOnText(self.llm_tokenizer, stop)])

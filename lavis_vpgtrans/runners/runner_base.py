@@ -51,7 +51,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data.dataset import ChainDataset
 
-from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_trained_state, save_checkpoint_atomic
+from lavis_vpgtrans.common import sharding
+from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_trained_state, save_checkpoint_atomic,
+                                              trainable_state)
 from lavis_vpgtrans.common.config import PluginConfig
 from lavis_vpgtrans.common.dist import from_rank0
 from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
@@ -118,17 +120,43 @@ class PortableRunner(RunnerBase):
         self.output_dir = output_dir
 
     @property
+    def sharding_config(self):
+        """`run.fsdp` (common/sharding.py), or None: plain DDP."""
+        return sharding.ShardingConfig.parse(self.config.run_cfg.get("fsdp", None))
+
+    @property
     def model(self):
-        """The model on its device, wrapped in DDP when distributed."""
+        """The model on its device: wrapped in DDP when distributed, or with `run.fsdp` sharded in
+        place (once: a stage switch changes which parameters train, not the sharding)."""
+        first = self._wrapped_model is None and not sharding.is_sharded(self._model)
+        if first and self.sharding_config is not None:
+            if not self.use_distributed:
+                raise ValueError("run.fsdp shards the model over the processes of a distributed run: "
+                                 "launch with torchrun (or remove run.fsdp)")
+            from torch.distributed.device_mesh import init_device_mesh
+
+            # sharded where it sits, then moved: a rank never holds the whole LLM on its device
+            mesh = init_device_mesh(self.device.type, (get_world_size(),))
+            sharding.shard_model(self._model, self.sharding_config, mesh=mesh)
+            logging.info("run.fsdp: %s", self.sharding_config)
         if self._model.device != self.device:
             self._model = self._model.to(self.device)
-        if self._wrapped_model is None:
+        if sharding.is_sharded(self._model):
+            # parameters sharded again after an evaluation: the optimizer is built from these
+            self._wrapped_model = sharding.resharded(self._model)
+        elif self._wrapped_model is None:
             if self.use_distributed:
                 device_ids = [self.config.run_cfg.gpu] if self.cuda_enabled else None
                 self._wrapped_model = DDP(self._model, device_ids=device_ids)
             else:
                 self._wrapped_model = self._model
+        if first and hasattr(self._model, "llm_model"):
+            logging.info("this rank holds %d bytes of the LLM's weights and buffers",
+                         sharding.local_bytes(self._model.llm_model))
         return self._wrapped_model
+
+    def unwrap_dist_model(self, model):
+        return model.module if isinstance(model, DDP) else model
 
     @property
     def scaler(self):
@@ -182,7 +210,9 @@ class PortableRunner(RunnerBase):
 
     def validate_epoch(self, cur_epoch) -> bool:
         """Every validation of an epoch, logged to metrics.jsonl; True when the primary split's
-        agg_metrics beat the best so far (self.best_agg_metric / best_epoch are updated)."""
+        agg_metrics beat the best so far (self.best_agg_metric / best_epoch are updated). Rank
+        0 computes the metrics and decides for every rank (a sharded checkpoint write needs
+        them all)."""
         improved = False
         for split_name in self.valid_splits:
             logging.info("Evaluating on %s.", split_name)
@@ -196,7 +226,7 @@ class PortableRunner(RunnerBase):
             val_log.update({"best_epoch": self.best_epoch, "epoch": cur_epoch})
             self.log_stats(val_log, split_name)
         self.validate_extra_benchmarks(cur_epoch)
-        return improved
+        return from_rank0(improved)
 
     def evaluate(self, cur_epoch="best", skip_reload=False):
         test_logs = {}
@@ -437,15 +467,32 @@ class PortableRunner(RunnerBase):
     # ------------------------------------------------------------------ checkpoints
 
     def trainable_state_dict(self):
-        """Trainable parameters only: no frozen ViT / LLM, no buffers, no tied copies."""
+        """Trainable parameters only: no frozen ViT / LLM, no buffers, no tied copies. Full
+        tensors also when sharded (gathered: then every rank must call this)."""
         model = self.unwrap_dist_model(self.model)
-        return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
+        if sharding.is_sharded(model):
+            return sharding.full_trainable_state(model)
+        return {n: v.cpu() for n, v in trainable_state(model).items()}
 
-    @main_process
+    def optimizer_state_dict(self):
+        """The optimizer's state; when sharded, with full tensors keyed by parameter name (gathered on
+        rank 0: every rank must call this)."""
+        if sharding.is_sharded(self.unwrap_dist_model(self.model)):
+            return sharding.full_optimizer_state(self.unwrap_dist_model(self.model), self.optimizer)
+        return self.optimizer.state_dict()
+
     def _save_checkpoint(self, cur_epoch, is_best=False, validated=False):
+        """Written by rank 0, atomically; every rank calls it (a sharded model is gathered first)."""
+        sharded = sharding.is_sharded(self.unwrap_dist_model(self.model))
+        if not (sharded or is_main_process()):
+            return
+        model_state, optimizer_state = self.trainable_state_dict(), self.optimizer_state_dict()
+        if not is_main_process():
+            return
         save_obj = {
-            "model": self.trainable_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "optimizer_layout": "full_state_dict" if sharded else "torch",
             "config": self.config.to_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "epoch": cur_epoch,
@@ -458,13 +505,20 @@ class PortableRunner(RunnerBase):
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
         save_checkpoint_atomic(save_obj, save_to)
 
+    def load_trained_weights(self, model, state, source):
+        """A checkpoint's trainable weights (full tensors) into the model, sharded or not."""
+        if sharding.is_sharded(model):
+            sharding.load_trained_state(model, state, source)
+        else:
+            load_trained_state(model, state, source)
+
     def prepare_resume(self, checkpoint):
         """Hook: put the runner in the checkpoint's state before its weights are loaded."""
 
     def _reload_best_model(self, model):
         checkpoint_path = os.path.join(self.output_dir, "checkpoint_best.pth")
         logging.info("Loading checkpoint from %s.", checkpoint_path)
-        load_trained_state(model, load_checkpoint_file(checkpoint_path)["model"], checkpoint_path)
+        self.load_trained_weights(model, load_checkpoint_file(checkpoint_path)["model"], checkpoint_path)
         return model
 
     def _load_checkpoint(self, url_or_filename) -> bool:
@@ -473,8 +527,17 @@ class PortableRunner(RunnerBase):
         must be validated again (its validation did not finish)."""
         checkpoint = load_checkpoint_file(url_or_filename)
         self.prepare_resume(checkpoint)
-        load_trained_state(self.unwrap_dist_model(self.model), checkpoint["model"], url_or_filename)
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        model = self.unwrap_dist_model(self.model)
+        self.load_trained_weights(model, checkpoint["model"], url_or_filename)
+        layout = checkpoint.get("optimizer_layout", "torch")
+        if layout != ("full_state_dict" if sharding.is_sharded(model) else "torch"):
+            raise ValueError(f"{url_or_filename}: its optimizer state was saved {'with' if layout == 'full_state_dict' else 'without'} "
+                             f"run.fsdp; resume it {'with' if layout == 'full_state_dict' else 'without'} run.fsdp "
+                             f"(its weights load either way, e.g. as vpg_checkpoint / projector_checkpoint)")
+        if layout == "full_state_dict":
+            sharding.load_full_optimizer_state(model, self.optimizer, checkpoint["optimizer"])
+        else:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scaler and checkpoint.get("scaler"):
             self.scaler.load_state_dict(checkpoint["scaler"])
         self.resumed_epoch = int(checkpoint["epoch"])

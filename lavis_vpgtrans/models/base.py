@@ -30,6 +30,7 @@ from lavis_vpgtrans.models.eva_vit import load_eva_vit_dir
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ViTs LAVIS builds (and downloads) by name; any other vit_model is a local EVA-ViT directory.
 LAVIS_VITS = ("eva_clip_g", "clip_L")
+VIT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # vit_precision values
 
 
 class PluginModel:
@@ -99,6 +100,9 @@ class Blip2PluginBase(PluginModel, Blip2Base):
     @classmethod
     def init_vision_encoder(cls, model_name, img_size, drop_path_rate, use_grad_checkpoint, precision):
         """LAVIS's ViT-g / ViT-L by name, or a local EVA-ViT directory (models/eva_vit.py)."""
+        if precision not in VIT_DTYPES:
+            # LAVIS converts the ViT to fp16 or leaves it in fp32; anything else would silently be fp32
+            raise ValueError(f"vit_precision must be one of {sorted(VIT_DTYPES)}, got {precision!r}")
         if model_name in LAVIS_VITS:
             return super().init_vision_encoder(model_name, img_size, drop_path_rate, use_grad_checkpoint, precision)
         return load_eva_vit_dir(resolve_path(model_name), img_size, drop_path_rate, use_grad_checkpoint, precision,

@@ -145,9 +145,13 @@ class FrozenLLM:
         self.label_bos = bool(label_bos)
 
     def maybe_autocast(self, dtype=None):
-        if self.device.type != "cuda" or self.llm_dtype == torch.float32:
+        """Autocast in `dtype` (default: the LLM's precision) on the model's device, CUDA or CPU,
+        unless it is fp32: the ops of fp16 / bf16 weights run in that precision, the numerically
+        sensitive ones (softmax, layer norm, losses) in fp32, as in LAVIS's blip2 models."""
+        dtype = dtype or self.llm_dtype
+        if dtype == torch.float32:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=dtype or self.llm_dtype)
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ end of text
 

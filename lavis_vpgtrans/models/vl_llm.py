@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file, load_state_with_report
 from lavis_vpgtrans.common.paths import resolve_path
-from lavis_vpgtrans.models.base import Blip2PluginBase
+from lavis_vpgtrans.models.base import VIT_DTYPES, Blip2PluginBase
 from lavis_vpgtrans.models.llm import CLASS_DEFAULT, FrozenLLM, check_llm_args, pad_rows
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.projector import known_projector_names
@@ -74,6 +74,7 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
 
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision)
+        self.vit_dtype = VIT_DTYPES[vit_precision]
         self.Qformer, self.query_tokens = self.init_Qformer(
             num_query_token, self.visual_encoder.num_features, cross_attention_freq, qformer_model)
         self.Qformer.cls = None
@@ -184,7 +185,7 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
 
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Images -> soft prompts in the LLM's input-embedding space, (B, num_query, H_llm)."""
-        with self.maybe_autocast():
+        with self.maybe_autocast(self.vit_dtype):
             image_embeds = self.ln_vision(self.visual_encoder(image))
         image_embeds = image_embeds.float()
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image.device)

@@ -59,15 +59,20 @@ def measure(family, checkpointing):
     train(ddp_model, DDP(ddp_model), data)
     replicated = {n: p.detach().clone() for n, p in ddp_model.named_parameters() if p.requires_grad}
 
-    cfg = sharding.ShardingConfig(llm_activation_checkpointing=checkpointing,
-                                  qformer_activation_checkpointing=checkpointing)
-    model = sharding.shard_model(build(family), cfg)
+    cfg = sharding.ShardingConfig()
+    recompute = sharding.CheckpointingConfig(llm=checkpointing, qformer=checkpointing)
+
+    def sharded(model):
+        sharding.apply_activation_checkpointing(model, recompute)
+        return sharding.shard_model(model, cfg)
+
+    model = sharded(build(family))
     result["llm_bytes_sharded"] = sharding.local_bytes(model.llm_model)
     # interrupted after 2 steps: checkpoint (full tensors), a new sharded model resumes from it
     optimizer = train(model, model, data[:2])
     state = sharding.full_trainable_state(model)
     optim_state = sharding.full_optimizer_state(model, optimizer)
-    resumed = sharding.shard_model(build(family, seed_offset=13), cfg)
+    resumed = sharded(build(family, seed_offset=13))
     sharding.load_trained_state(resumed, state, "the interrupted run's weights")
     resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
     sharding.load_full_optimizer_state(resumed, resumed_optimizer, optim_state)

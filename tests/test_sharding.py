@@ -24,7 +24,7 @@ def train_py(out, *options):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     held = [int(line.split("holds ")[1].split()[0]) for line in proc.stderr.splitlines()
             if "this rank holds" in line]
-    return os.path.join(out, "job"), held
+    return os.path.join(out, "job"), held, proc.stderr
 
 
 def weights(path):
@@ -33,9 +33,12 @@ def weights(path):
 
 @pytest.fixture(scope="module")
 def recipe_runs(tmp_path_factory, toy_zoo):
-    ddp_dir, ddp_held = train_py(tmp_path_factory.mktemp("ddp"), "run.valid_splits=[]")
-    fsdp_dir, fsdp_held = train_py(tmp_path_factory.mktemp("fsdp"), "run.fsdp=true")
-    resumed_dir, _ = train_py(tmp_path_factory.mktemp("resumed"), "run.fsdp=true", "run.valid_splits=[]",
+    ddp_dir, ddp_held, _ = train_py(tmp_path_factory.mktemp("ddp"), "run.valid_splits=[]")
+    # sharded and with activation checkpointing (it recomputes with the same dropout draws)
+    fsdp_dir, fsdp_held, fsdp_log = train_py(tmp_path_factory.mktemp("fsdp"), "run.fsdp=true",
+                                             "run.activation_checkpointing=true")
+    assert "run.activation_checkpointing: CheckpointingConfig(llm=True, qformer=True)" in fsdp_log
+    resumed_dir, _, _ = train_py(tmp_path_factory.mktemp("resumed"), "run.fsdp=true", "run.valid_splits=[]",
                               f"run.resume_ckpt_path={os.path.join(fsdp_dir, 'checkpoint_0.pth')}")
     return dict(ddp=ddp_dir, fsdp=fsdp_dir, resumed=resumed_dir, ddp_held=ddp_held, fsdp_held=fsdp_held)
 
@@ -124,7 +127,7 @@ def _saved_bytes_and_grads(model, samples):
 
 def test_activation_checkpointing_keeps_fewer_activations_and_the_same_gradients(plugin):
     from helpers import load_tiny
-    from lavis_vpgtrans.common.sharding import ShardingConfig, apply_activation_checkpointing
+    from lavis_vpgtrans.common.sharding import CheckpointingConfig, apply_activation_checkpointing
 
     samples = {"image": torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)),
                "text_input": ["a red square", "two blue circles", "a green triangle", "one yellow circle"]}
@@ -132,8 +135,7 @@ def test_activation_checkpointing_keeps_fewer_activations_and_the_same_gradients
     plain = load_tiny("blip2_opt_transfer", "tiny_opt_large", train_vpg=True).train()
     torch.manual_seed(0)
     ckpt = load_tiny("blip2_opt_transfer", "tiny_opt_large", train_vpg=True).train()
-    apply_activation_checkpointing(ckpt, ShardingConfig(llm_activation_checkpointing=True,
-                                                        qformer_activation_checkpointing=True))
+    apply_activation_checkpointing(ckpt, CheckpointingConfig(llm=True, qformer=True))
     plain_bytes, plain_grads = _saved_bytes_and_grads(plain, samples)
     ckpt_bytes, ckpt_grads = _saved_bytes_and_grads(ckpt, samples)
     assert ckpt_bytes < 0.6 * plain_bytes, (ckpt_bytes, plain_bytes)
@@ -145,8 +147,9 @@ def test_activation_checkpointing_keeps_fewer_activations_and_the_same_gradients
 def test_fsdp_settings_are_checked():
     from omegaconf import OmegaConf
 
-    from lavis_vpgtrans.common.sharding import ShardingConfig
+    from lavis_vpgtrans.common.sharding import CheckpointingConfig, ShardingConfig
 
+    assert CheckpointingConfig.parse({"qformer": False}) == CheckpointingConfig(llm=True, qformer=False)
     assert ShardingConfig.parse(None) is None and ShardingConfig.parse(False) is None
     assert ShardingConfig.parse(True) == ShardingConfig()
     cfg = ShardingConfig.parse(OmegaConf.create({"shard_vit": False}))

@@ -1,4 +1,5 @@
-"""Sharding the frozen parts of a BLIP-2-style model with torch FSDP2 (`fully_shard`).
+"""Memory for big targets: the frozen parts sharded with torch FSDP2 (`fully_shard`), and
+activation checkpointing.
 
 Under DDP every rank holds the whole frozen LLM (13.5 GB for a 7B target in fp16). With
 `run.fsdp` the LLM's transformer blocks (and the ViT's) are each an FSDP unit, sharded over the
@@ -8,11 +9,12 @@ gradients FSDP reduce-scatters as DDP would all-reduce them. Storage dtypes stay
 precision settings (`vit_precision`, `llm_precision`); gradients reduce in fp32.
 
     run:
-      fsdp:
-        shard_llm: true                    # per-block units for the LLM (default true)
-        shard_vit: true                    # per-block units for the ViT (default true)
-        llm_activation_checkpointing: false
-        qformer_activation_checkpointing: false
+      fsdp:                    # or `fsdp: true` for these defaults; absent / false: DDP
+        shard_llm: true        # per-block units for the LLM
+        shard_vit: true        # per-block units for the ViT
+      activation_checkpointing:  # with or without fsdp
+        llm: false             # recompute each LLM block in backward (long chat contexts)
+        qformer: false         # ... and each Q-Former layer (large batches)
 
 Checkpoints stay trainable-parameters-only files of full tensors (`full_trainable_state`, a
 collective: every rank calls it), which load into an unsharded model.
@@ -32,30 +34,46 @@ logger = logging.getLogger(__name__)
 FORWARD_METHODS = ("generate", "predict_answers")
 
 
+def _parse_flags(cls, key: str, value):
+    """`run.<key>`: None when absent, null or false; the defaults for true; else a mapping of
+    the dataclass's boolean fields."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return cls()
+    known = {f.name for f in fields(cls)}
+    values = dict(value)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"run.{key}: unknown key(s) {unknown}; known: {sorted(known)}")
+    for name, v in values.items():
+        if not isinstance(v, bool):
+            raise ValueError(f"run.{key}.{name} must be true or false, got {v!r}")
+    return cls(**values)
+
+
 @dataclass(frozen=True)
 class ShardingConfig:
+    """`run.fsdp`."""
+
     shard_llm: bool = True
     shard_vit: bool = True
-    llm_activation_checkpointing: bool = False
-    qformer_activation_checkpointing: bool = False
 
     @classmethod
     def parse(cls, value) -> Optional["ShardingConfig"]:
-        """The value of `run.fsdp` as a ShardingConfig: None when absent, null or false (plain DDP),
-        the defaults for true, else a mapping of the fields."""
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        known = {f.name for f in fields(cls)}
-        values = dict(value)
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"run.fsdp: unknown key(s) {unknown}; known: {sorted(known)}")
-        for key, v in values.items():
-            if not isinstance(v, bool):
-                raise ValueError(f"run.fsdp.{key} must be true or false, got {v!r}")
-        return cls(**values)
+        return _parse_flags(cls, "fsdp", value)
+
+
+@dataclass(frozen=True)
+class CheckpointingConfig:
+    """`run.activation_checkpointing`."""
+
+    llm: bool = True
+    qformer: bool = True
+
+    @classmethod
+    def parse(cls, value) -> Optional["CheckpointingConfig"]:
+        return _parse_flags(cls, "activation_checkpointing", value)
 
 
 def llm_blocks(llm: nn.Module):
@@ -85,31 +103,30 @@ def sync_from_rank0(model: nn.Module) -> None:
         dist.broadcast(tensor.data, src=0)
 
 
-def apply_activation_checkpointing(model: nn.Module, cfg: ShardingConfig) -> None:
+def apply_activation_checkpointing(model: nn.Module, cfg: CheckpointingConfig) -> None:
     """Recompute the LLM's blocks / the Q-Former's layers in backward instead of keeping their
     activations (non-reentrant, RNG state preserved: the same gradients). It acts in train and
     eval mode alike: the frozen LLM stays in eval mode, where transformers' own gradient
-    checkpointing is off."""
+    checkpointing is off. Apply it once, before sharding or DDP."""
     from torch.distributed._composable import checkpoint
 
-    if cfg.llm_activation_checkpointing:
+    if cfg.llm:
         # a training forward must not fill a KV cache: recomputation would append to it again
         # (generate still caches: it passes its generation_config's use_cache)
         model.llm_model.config.use_cache = False
         for block in llm_blocks(model.llm_model):
             checkpoint(block)
-    if cfg.qformer_activation_checkpointing:
+    if cfg.qformer:
         for layer in qformer_layers(model):
             checkpoint(layer)
 
 
 def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
-    """Applies activation checkpointing and `fully_shard` in place (FSDP2 changes the modules'
-    classes, not their names, so state-dict keys are unchanged) and returns the model."""
+    """Applies `fully_shard` in place (FSDP2 changes the modules' classes, not their names, so
+    state-dict keys are unchanged) and returns the model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     sync_from_rank0(model)
-    apply_activation_checkpointing(model, cfg)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     units = (llm_blocks(model.llm_model) if cfg.shard_llm else []) + (vit_blocks(model) if cfg.shard_vit else [])
     for unit in units:

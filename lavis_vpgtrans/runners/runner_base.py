@@ -97,6 +97,7 @@ class PortableRunner(RunnerBase):
     def __init__(self, cfg, task, model, datasets, job_id):
         require_lavis()
         self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
+        self._checkpointing_applied = False  # run.activation_checkpointing, applied once
         # what the loop decides with; saved in every checkpoint and restored on resume
         self.best_agg_metric, self.best_epoch = -math.inf, 0
         self.run_id = new_run_id(job_id)  # a resumed run takes its checkpoint's
@@ -125,10 +126,19 @@ class PortableRunner(RunnerBase):
         return sharding.ShardingConfig.parse(self.config.run_cfg.get("fsdp", None))
 
     @property
+    def checkpointing_config(self):
+        """`run.activation_checkpointing` (common/sharding.py), or None."""
+        return sharding.CheckpointingConfig.parse(self.config.run_cfg.get("activation_checkpointing", None))
+
+    @property
     def model(self):
         """The model on its device: wrapped in DDP when distributed, or with `run.fsdp` sharded in
         place (once: a stage switch changes which parameters train, not the sharding)."""
         first = self._wrapped_model is None and not sharding.is_sharded(self._model)
+        if self.checkpointing_config is not None and not self._checkpointing_applied:
+            sharding.apply_activation_checkpointing(self._model, self.checkpointing_config)
+            self._checkpointing_applied = True
+            logging.info("run.activation_checkpointing: %s", self.checkpointing_config)
         if first and self.sharding_config is not None:
             if not self.use_distributed:
                 raise ValueError("run.fsdp shards the model over the processes of a distributed run: "

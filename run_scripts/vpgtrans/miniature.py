@@ -24,6 +24,7 @@ import sys
 from omegaconf import OmegaConf
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, REPO)  # the package of this checkout (a script's own directory is what Python adds)
 IMAGE_SIZE = 32  # the toy zoo's ViT (lavis_vpgtrans/toy/zoo.py, TOY_VIT)
 EPOCHS = 2  # at most: a stage-1 epoch and a stage-2 epoch
 ITERS_PER_EPOCH = 2  # iteration-based runs: inner epochs of 2 iterations

@@ -7,13 +7,16 @@ zoo's tokenizer) as a `save_pretrained` directory, then runs a `blip2_opt_transf
 (toy ViT and Q-Former) for a few training steps in `--nproc` gloo processes on CPU, once with
 plain DDP and once with `lavis_vpgtrans.common.sharding` (`run.fsdp`), and prints per rank:
   - the LLM's parameter + buffer bytes this rank holds,
-  - the resident memory after the steps, and the peak RSS of the process (ru_maxrss: every
-    rank loads the whole LLM before it is sharded, so the load-time peak stays),
+  - the resident memory after the steps (freed heap pages returned to the OS first, so it is
+    what the process holds), and the peak RSS (ru_maxrss: every rank loads the whole LLM
+    before it is sharded, so the load-time peak stays),
   - the mean training step time after one warm-up step.
 Figures vary with the machine; run it on an otherwise idle one.
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import resource
@@ -77,6 +80,8 @@ def worker(llm_dir, mode, steps, out_path):
         optimizer.step()
         optimizer.zero_grad()
         times.append(time.perf_counter() - start)
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages back to the OS: RSS = what is held
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     record = {"rank": rank, "llm_bytes": llm_bytes, "rss_bytes": rss,

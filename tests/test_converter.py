@@ -374,6 +374,33 @@ def test_corpus_weighted_run_records_the_corpus(tmp_path, toy_zoo, tokenizers):
     assert ck["metadata"]["quality"]["held_out_mean_cosine"] > 0.99
 
 
+def test_quality_is_also_reported_on_the_tokens_of_a_text(tmp_path, tokenizers, capsys):
+    """--quality-text: the held-out quality again, on the held-out pairs whose tokens both occur
+    in that text (the demo: the LMs' pre-training text)."""
+    tok = tokenizers["opt-small"]
+    text = ["a red circle at the top left", "Question: how many shapes are there? Answer: 2"]
+    (tmp_path / "text.txt").write_text("\n".join(text) + "\n")
+    src_emb = torch.randn(len(tok), 16, generator=torch.Generator().manual_seed(5))
+    A, b = affine(16, 24, seed=6)
+    src = write_llm(tmp_path / "src", "opt", tok, 16, src_emb)
+    tgt = write_llm(tmp_path / "tgt", "opt", tok, 24, src_emb @ A.t() + b)
+    write_projector(tmp_path / "proj.pth", "opt_proj", 16)
+    out = tmp_path / "init.pth"
+    assert main(["--src", src, "--tgt", tgt, "--projector", str(tmp_path / "proj.pth"), "--out", str(out),
+                 "--tgt-arch", "blip2_opt", "--held-out", "0.5", "--epochs", "0",
+                 "--quality-text", str(tmp_path / "text.txt")]) == 0
+    quality = torch.load(out, weights_only=True)["metadata"]["quality"]
+    # the expected subset, from the same seeded split
+    pairs = pair_tokens(tok, tok, len(tok), len(tok))
+    _, held = pairs.split(0.5, seed=0)
+    in_text = set(token_counts(tok, text, len(tok)).nonzero().flatten().tolist())
+    expected = sum(int(i) in in_text for i in pairs.src_ids[held])
+    assert 0 < expected < held.numel()
+    assert quality["held_out_in_text"] == quality["nn_in_text_pairs"] == expected
+    assert quality["held_out_in_text_mean_cosine"] > 0.99 and quality["held_out_in_text_top1_nn_accuracy"] == 1.0
+    assert f"held-out pairs in --quality-text: {expected}, mean cosine" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- bad input
 
 

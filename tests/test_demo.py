@@ -119,6 +119,18 @@ def test_zoo_of_another_profile_is_refused_not_deleted(tmp_path):
     assert (root / "keep.txt").is_file()
 
 
+def test_an_outdated_zoo_is_rebuilt_in_the_profile_its_stamp_names(tmp_path):
+    """A `toy:` path (profile None) over an outdated demo zoo rebuilds the demo world, not the
+    test one."""
+    stamps = {"1": "test", "1 demo 0123456789ab": "demo", "1 huge 0123456789ab": None}
+    for i, (stamp, profile) in enumerate(stamps.items()):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "ZOO_VERSION").write_text(stamp)
+        assert zoo.zoo_profile(str(tmp_path / str(i))) is None  # outdated
+        assert zoo._stamped_profile(str(tmp_path / str(i))) == profile
+    assert zoo._stamped_profile(str(tmp_path / "absent")) is None
+
+
 def test_a_directory_that_is_not_a_zoo_is_refused_not_deleted(tmp_path):
     (tmp_path / "data.txt").write_text("precious")
     with pytest.raises(ValueError, match="holds no toy zoo"):
@@ -250,3 +262,19 @@ def test_goal_and_summary_mark_a_baseline_still_improving():
     assert goal({0: results[0]}, epochs=10)["met"] is True
     text = summary_markdown(results, cross_family=False, epochs=10)
     assert "| VPGTrans | 2.5 | n/a | -* | n/a |" in text
+
+
+def test_further_goals_hold_only_when_every_seed_meets_them():
+    from lavis_vpgtrans.demo.cli import further_goals, goal_text
+
+    def seed(converter_init, random_init, cross_speedup, top1):
+        cross = {"rows": [{"run": "VPGTrans opt-small->LLaMA", "cells": {"toy_caption": {"speedup": cross_speedup}}}]}
+        return {"warmup": {"converter init": {"1": converter_init}, "random init": {"1": random_init}},
+                "llama": {"tables": [cross]}, "converters": {"opt-large": {"held_out_top1_nn_accuracy": top1}}}
+
+    good = further_goals({0: seed(2.5, 2.0, 1.8, 1.0)})
+    assert {name: g["met"] for name, g in good.items()} == {"warmup": True, "cross_family": True, "converter": True}
+    mixed = further_goals({0: seed(2.5, 2.0, 1.8, 1.0), 1: seed(2.0, 2.1, None, 0.4)})
+    assert not any(g["met"] for g in mixed.values())
+    assert goal_text(mixed["cross_family"]).endswith("for every seed): NOT met (seed 0: 1.8, seed 1: -)")
+    assert goal_text(mixed["warmup"]).endswith("(seed 0: 2.500 vs 2.000, seed 1: 2.000 vs 2.100)")

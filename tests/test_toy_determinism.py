@@ -23,7 +23,8 @@ def digests(root):
 
 def test_same_seed_same_zoo_bit_for_bit(tmp_path):
     # the demo profile's code paths (document LM pre-training, ViT pre-training, opt-large
-    # grown from opt-small, the source split) with a few steps each, to stay fast
+    # grown from opt-small, the LLaMA related to opt-small, the source split) with a few
+    # steps each, to stay fast
     reduced = dataclasses.replace(zoo.PROFILES["demo"], lm_steps=6, lm_warmup_steps=2, vit_steps=3,
                                   lm_documents=64, n_val=8)
     threads = torch.get_num_threads()
@@ -38,7 +39,8 @@ def test_same_seed_same_zoo_bit_for_bit(tmp_path):
     assert not torch.are_deterministic_algorithms_enabled()
     a, b = digests(tmp_path / "a"), digests(tmp_path / "b")
     assert len(a) > 100 and {"opt-small/model.safetensors", "opt-large/model.safetensors", "llama/model.safetensors",
-                             "eva-vit/model.safetensors", "opt-small/tokenizer.json"} <= set(a)
+                             "eva-vit/model.safetensors", "opt-small/tokenizer.json",
+                             "data/lm_text.txt"} <= set(a)
     assert sorted(a) == sorted(b)
     differing = sorted(path for path in a if a[path] != b[path])
     assert differing == [], differing

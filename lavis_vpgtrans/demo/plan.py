@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from lavis_vpgtrans.toy.zoo import LM_TEXT_NAME
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(REPO_ROOT, "projects", "vpgtrans", "demo", "experiment")
 TRAIN_PY = os.path.join(REPO_ROOT, "train.py")
@@ -82,7 +84,9 @@ def converter_job(key: str, label: str, zoo_dir: str, src: str, tgt: str, tgt_ar
     argv = [sys.executable, "-m", "lavis_vpgtrans.transfer.converter",
             "--src", os.path.join(zoo_dir, src), "--tgt", os.path.join(zoo_dir, tgt),
             "--projector", projector, "--src-arch", "blip2_opt_transfer", "--tgt-arch", tgt_arch,
-            "--out", out, "--seed", str(seed)]
+            "--out", out, "--seed", str(seed),
+            # quality also on the tokens the LMs' pre-training text contains
+            "--quality-text", os.path.join(zoo_dir, "data", LM_TEXT_NAME)]
     return Job(key=key, label=label, argv=argv, out_dir=out_dir, epochs=1, deps=tuple(deps), validates=False,
                product=out, extra={"src": src, "tgt": tgt})
 

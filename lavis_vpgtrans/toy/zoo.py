@@ -27,7 +27,12 @@ Two profiles of the same world (PROFILES):
          the scenes, LMs pre-trained on multi-sentence documents until they use their context
          (a few minutes), opt-large grown from opt-small (one family: a linear map relates
          their word embeddings), a Q-Former initialisation scaled to its width, a larger val
-         split and an 8x larger "source" split for the source model.
+         split and an 8x larger "source" split for the source model. The LLaMA is made
+         related to the OPT family, as real LLMs trained on overlapping corpora are: its
+         embeddings of the tokens both vocabularies share start from opt-small's pre-trained
+         ones through a random linear map (the other rows random), and it is pre-trained on
+         the same documents in the same order. Independently pre-trained, the toy LLaMA's
+         embeddings had no linear relation to OPT's (converter held-out cosine ~0.01).
 The decoder-only LMs learn the released BLIP-2 / VPGTrans end of text: every line ends with
 "\n". The build is deterministic (deterministic_build): the same seed and profile give the
 same bytes.
@@ -50,7 +55,7 @@ import torch
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
 from lavis_vpgtrans.toy import instruct, shards, world
 
-ZOO_VERSION = "6"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "7"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 VIT_CONFIG_NAME = "config.json"
 VIT_WEIGHTS_NAME = "model.safetensors"
@@ -86,6 +91,11 @@ class ZooProfile:
     # model-growth methods initialise a larger model from a smaller one), then pre-trained
     # on the same batches in the same order
     related_opt_init: bool = False
+    # the LLaMA family related to the OPT family as real LLMs trained on overlapping corpora
+    # are: its embeddings of the tokens both vocabularies share start from opt-small's
+    # pre-trained ones through a random linear map, and it is pre-trained on the same
+    # documents in the same order
+    related_llama_init: bool = False
 
 
 PROFILES = {
@@ -97,10 +107,11 @@ PROFILES = {
                    "opt-large": OPT_SIZES["opt-large"]},
         lm_doc_questions=1, lm_steps=1250, lm_lr=2e-3, lm_warmup_steps=50,
         pretrain_vit=True, qformer_init_range=0.08, n_val=128,
-        n_source=2048, related_opt_init=True),
+        n_source=2048, related_opt_init=True, related_llama_init=True),
 }
 DEFAULT_PROFILE = "test"
 STAMP_NAME = "ZOO_VERSION"
+LM_TEXT_NAME = "lm_text.txt"  # in data/
 
 
 def default_zoo_dir(profile: str = DEFAULT_PROFILE) -> str:
@@ -130,6 +141,18 @@ def zoo_profile(root: str) -> Optional[str]:
     return next((name for name in PROFILES if _stamp(name) == text), None)
 
 
+def _stamped_profile(root: str) -> Optional[str]:
+    """The profile named by the stamp of a zoo of any version (its second word; the test
+    profile's stamp is the version alone), None without a stamp or for an unknown name."""
+    stamp = os.path.join(root, STAMP_NAME)
+    if not os.path.isfile(stamp):
+        return None
+    with open(stamp) as f:
+        words = f.read().split()
+    name = words[1] if len(words) > 1 else DEFAULT_PROFILE
+    return name if name in PROFILES else None
+
+
 def is_toy(name) -> bool:
     return isinstance(name, str) and name.startswith(TOY_PREFIX)
 
@@ -148,9 +171,10 @@ def resolve(name: str) -> str:
 def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
     """Builds the zoo at `root` unless a complete one of this version is there.
 
-    `profile` None accepts a complete zoo of any profile (what `toy:` paths resolve against)
-    and builds the test profile if there is none. A named profile must match: a complete
-    zoo of another profile is an error (nothing is deleted), an outdated one is rebuilt.
+    `profile` None accepts a complete zoo of any profile (what `toy:` paths resolve against),
+    rebuilds an outdated one in the profile its stamp names, and builds the test profile if
+    there is none. A named profile must match: a complete zoo of another profile is an error
+    (nothing is deleted), an outdated one is rebuilt.
 
     Safe under torchrun: a file lock serialises builders, and the zoo is built in a temporary
     directory that is renamed into place only when complete.
@@ -160,6 +184,8 @@ def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
     if profile is not None and profile not in PROFILES:
         raise ValueError(f"unknown toy zoo profile {profile!r}; known: {sorted(PROFILES)}")
     root = os.path.abspath(root or default_zoo_dir(profile or DEFAULT_PROFILE))
+    if profile is None and zoo_profile(root) is None:
+        profile = _stamped_profile(root)  # an outdated zoo: rebuilt as what it was
 
     def ready():
         found = zoo_profile(root)
@@ -288,6 +314,16 @@ def lm_text(lines) -> str:
     return "".join(f"{line}\n" for line in lines)
 
 
+def document_ids(tokenizer, lines) -> list:
+    """A document's token ids: BOS, each line (with its "\\n") tokenized on its own -- as the VL
+    models tokenize a caption: a SentencePiece tokenizer then starts every line with a word-start
+    piece ('▁a'), not only the first (byte-level BPE gives the same ids either way) -- then EOS."""
+    ids = tokenizer(lm_text(lines[:1])).input_ids
+    for line in lines[1:]:
+        ids += tokenizer(lm_text([line]), add_special_tokens=False).input_ids
+    return ids + [tokenizer.eos_token_id]
+
+
 def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, seed=0, documents=None,
                 warmup_steps=0, clip_norm=None, on_step=None):
     """A short language-model pre-training on the toy world's text, so that the frozen LLMs
@@ -309,7 +345,7 @@ def pretrain_lm(model, tokenizer, sentences, steps=200, batch_size=32, lr=3e-3, 
         if model.config.is_encoder_decoder:
             raise ValueError("documents are for decoder-only LMs")
         # tokenized once: the per-step tokenizer calls would cost as much as the model
-        pool = [tokenizer(lm_text(doc)).input_ids + [tokenizer.eos_token_id] for doc in documents]
+        pool = [document_ids(tokenizer, doc) for doc in documents]
     model.train()
     for step in range(steps):
         if documents is not None:
@@ -416,6 +452,21 @@ def related_embeddings(embeddings: torch.Tensor, width: int, seed: int) -> torch
     return embeddings @ q.t() * math.sqrt(width / d)
 
 
+def _relate_to(model, tokenizer, base, base_tokenizer, seed: int) -> None:
+    """Starts `model`'s input embeddings of the tokens its vocabulary shares with
+    `base_tokenizer`'s (paired as the converter pairs them) from `base`'s pre-trained ones
+    through a random linear map (related_embeddings, scaled to the spread of `model`'s own
+    initialisation); the other rows keep their random init."""
+    from lavis_vpgtrans.transfer.pairing import pair_tokens
+
+    emb = model.get_input_embeddings().weight
+    base_emb = base.get_input_embeddings().weight.detach()
+    pairs = pair_tokens(base_tokenizer, tokenizer, base_emb.shape[0], emb.shape[0])
+    mapped = related_embeddings(base_emb, emb.shape[1], seed)
+    with torch.no_grad():
+        emb[pairs.tgt_ids] = mapped[pairs.src_ids] * (emb.std() / mapped[pairs.src_ids].std())
+
+
 def build_eva_vit(cfg, drop_path_rate=0.0, use_checkpoint=False):
     from functools import partial
 
@@ -457,6 +508,10 @@ def _build_zoo(out: str, seed: int, prof: ZooProfile, progress) -> None:
     documents = None
     if prof.lm_doc_questions is not None:
         documents = world.corpus_documents(prof.lm_documents, seed=seed + 3, questions_per_doc=prof.lm_doc_questions)
+    # the decoder-only LMs' pre-training text, a line each (the converter reports its quality
+    # on the tokens that occur in it)
+    with open(os.path.join(data_dir, LM_TEXT_NAME), "w") as f:
+        f.write(lm_text(sentences if documents is None else [line for doc in documents for line in doc]))
     report("data", 1, 1)
 
     def lm_pretraining(name, model, tokenizer, lm_seed, decoder_only=True):
@@ -505,7 +560,9 @@ def _build_zoo(out: str, seed: int, prof: ZooProfile, progress) -> None:
             vocab_size=len(llama_tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
             bos_token_id=1, eos_token_id=2, tie_word_embeddings=False))
-        lm_pretraining("llama", model, llama_tok, seed + 20)
+        if prof.related_llama_init:
+            _relate_to(model, llama_tok, first, opt_tok, seed + 20)
+        lm_pretraining("llama", model, llama_tok, seed + 10 if prof.related_llama_init else seed + 20)
         model.save_pretrained(d)
 
         # T5 (Flan-T5 layout): SentencePiece unigram, <pad>=0 </s>=1 <unk>=2.

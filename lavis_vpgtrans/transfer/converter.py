@@ -17,7 +17,10 @@ Mistral, Gemma, ...) gets the generic blip2_causal_lm.
    sample of the fit pairs is kept.
 3. Report quality on the held-out pairs: mean cosine to the true target embedding, and top-1
    nearest-neighbour accuracy (cosine) over the whole target vocabulary on a seeded sample of
-   them (--nn-sample), chunked so nothing vocab x vocab is ever built.
+   them (--nn-sample), chunked so nothing vocab x vocab is ever built. With --quality-text,
+   the same again on the held-out pairs whose two tokens both occur in that text (e.g. the
+   LLMs' pre-training text): shared tokens that no text trains keep their random embeddings,
+   which no map can predict.
 4. Merge with the source projector f_s(x) = W_s x + b_s:
        W_t = W_c W_s,    b_t = W_c b_s + b_c
    and write {"model": {"<tgt_proj>.weight", "<tgt_proj>.bias"}, "metadata": {...}}, which the
@@ -355,6 +358,7 @@ class ConverterConfig:
     tgt_embedding_key: Optional[str] = None
     loss: str = "cosine"
     corpus: Optional[str] = None
+    quality_text: Optional[str] = None
     epochs: int = 2
     lr: float = 0.03
     batch_size: int = 1024
@@ -462,16 +466,27 @@ def convert(cfg: ConverterConfig) -> Dict:
     lap("fit")
 
     quality = {"nn_metric": "cosine", "nn_candidates": tgt_candidates, "fit_loss": fit.loss}
-    if held_idx.numel():
+
+    def held_out_quality(idx: torch.Tensor, prefix: str) -> None:
+        if not idx.numel():
+            return
         # nearest neighbours cost a pass over the whole target vocabulary per pair: a seeded sample
         g = torch.Generator().manual_seed(cfg.seed)
-        nn_idx = held_idx[torch.randperm(held_idx.numel(), generator=g)[:cfg.nn_sample or held_idx.numel()]]
-        quality.update(
-            held_out_mean_cosine=mean_cosine(fit.converter, src.weight, tgt.weight, pairs.src_ids[held_idx],
-                                             pairs.tgt_ids[held_idx], cfg.device),
-            held_out_top1_nn_accuracy=top1_accuracy(fit.converter, src.weight, tgt.weight, pairs.src_ids[nn_idx],
-                                                    pairs.tgt_ids[nn_idx], tgt_candidates, cfg.device),
-            nn_pairs=int(nn_idx.numel()))
+        nn_idx = idx[torch.randperm(idx.numel(), generator=g)[:cfg.nn_sample or idx.numel()]]
+        quality.update({
+            f"{prefix}_mean_cosine": mean_cosine(fit.converter, src.weight, tgt.weight, pairs.src_ids[idx],
+                                                 pairs.tgt_ids[idx], cfg.device),
+            f"{prefix}_top1_nn_accuracy": top1_accuracy(fit.converter, src.weight, tgt.weight, pairs.src_ids[nn_idx],
+                                                        pairs.tgt_ids[nn_idx], tgt_candidates, cfg.device),
+            f"{prefix.replace('held_out', 'nn')}_pairs": int(nn_idx.numel())})
+
+    held_out_quality(held_idx, "held_out")
+    if cfg.quality_text:
+        text = sorted(set(read_captions(cfg.quality_text)))  # which tokens occur, not how often
+        in_text = ((token_counts(src_tok, text, src_rows)[pairs.src_ids[held_idx]] > 0)
+                   & (token_counts(tgt_tok, text, tgt_rows)[pairs.tgt_ids[held_idx]] > 0))
+        quality["held_out_in_text"] = int(in_text.sum())
+        held_out_quality(held_idx[in_text], "held_out_in_text")
     lap("quality")
 
     wt, bt = merge_projector(fit.converter, ws, bs)
@@ -490,7 +505,8 @@ def convert(cfg: ConverterConfig) -> Dict:
         "quality": quality,
         "loss": cfg.loss, "epochs": cfg.epochs, "fit": fit.summary(),
         "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "ridge": cfg.ridge,
-        "held_out_fraction": cfg.held_out, "corpus": cfg.corpus, "timings_s": timings,
+        "held_out_fraction": cfg.held_out, "corpus": cfg.corpus, "quality_text": cfg.quality_text,
+        "timings_s": timings,
     }
     checkpoint = {"model": {f"{tgt_name}.weight": wt, f"{tgt_name}.bias": bt}, "metadata": metadata}
     if cfg.out:
@@ -537,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Adam step size relative to the RMS of the closed-form weights (bias: of the targets)")
     fit.add_argument("--batch-size", type=int, default=1024)
     fit.add_argument("--held-out", type=float, default=0.1, help="fraction of text pairs held out for quality")
+    fit.add_argument("--quality-text", help="text (.txt one line each, or a LAVIS caption .json), e.g. the LLMs' "
+                                            "pre-training text: quality is also reported on the held-out pairs "
+                                            "whose two tokens both occur in it")
     fit.add_argument("--nn-sample", type=int, default=2000,
                      help="held-out pairs (a seeded sample) scored for top-1 NN accuracy; 0: all")
     fit.add_argument("--ridge", type=float, default=1e-6, help="ridge term, relative to the mean source variance")
@@ -567,6 +586,13 @@ def main(argv=None) -> int:
         print(f"held-out quality: mean cosine {quality['held_out_mean_cosine']:.4f}, top-1 NN accuracy "
               f"{quality['held_out_top1_nn_accuracy']:.4f} ({quality['nn_pairs']} pairs, nearest of "
               f"{quality['nn_candidates']} target tokens)")
+    if "held_out_in_text" in quality:
+        if "held_out_in_text_mean_cosine" in quality:
+            print(f"held-out pairs in --quality-text: {quality['held_out_in_text']}, mean cosine "
+                  f"{quality['held_out_in_text_mean_cosine']:.4f}, top-1 NN accuracy "
+                  f"{quality['held_out_in_text_top1_nn_accuracy']:.4f}")
+        else:
+            print("held-out pairs in --quality-text: none")
     arch = f" (for {meta['target_arch']}{', by model_type' if meta['target_arch_detected'] else ''})" \
         if meta["target_arch"] else ""
     print(f"{meta['target_projector_name']}{arch}: {meta['projector_in']} -> {meta['target_hidden']} written to "

@@ -189,7 +189,7 @@ OTHER_CONFIGS = ([("opt", b) for b in BENCHMARKS if b not in WRAPPER_BENCHMARKS]
 def test_eval_config_through_evaluate_main(family, bench, bench_root, tmp_path):
     """The other families' configs, through evaluate.py's main in this process (the same code
     path as `python evaluate.py`, without paying the import of LAVIS ten more times)."""
-    from lavis_vpgtrans.cli import evaluate_main
+    from lavis_vpgtrans.runners.launch import evaluate_main
 
     out = str(tmp_path / bench)
     options = eval_options(bench, bench_root, out, family)
@@ -208,7 +208,7 @@ def test_eval_config_through_evaluate_main(family, bench, bench_root, tmp_path):
 
 
 def test_vicuna_uses_the_llama_configs(bench_root, tmp_path):
-    from lavis_vpgtrans.cli import evaluate_main
+    from lavis_vpgtrans.runners.launch import evaluate_main
 
     out = str(tmp_path / "gqa")
     options = eval_options("gqa", bench_root, out, "llama")[2:] + ["model.arch=blip2_vicuna",
@@ -221,7 +221,7 @@ def test_okvqa_lemmatizer_without_spacy_model_is_a_clear_error(bench_root, tmp_p
     spacy = pytest.importorskip("spacy")
     if spacy.util.is_package("en_core_web_sm"):
         pytest.skip("en_core_web_sm is installed")
-    from lavis_vpgtrans.cli import evaluate_main
+    from lavis_vpgtrans.runners.launch import evaluate_main
 
     out = str(tmp_path / "okvqa")
     with pytest.raises(RuntimeError, match="python -m spacy download en_core_web_sm"):

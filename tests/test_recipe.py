@@ -15,7 +15,7 @@ FAST = ["run.batch_size_train=64", "run.valid_splits=[]", "run.extra_validation=
 
 
 def build_runner(tmp_path, *options):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
 
     return build(["--cfg-path", RECIPE_CFG, "--options", f"run.output_dir={tmp_path}",
                   "run.job_id=job", *FAST, *options], "test", evaluate=False)
@@ -117,7 +117,7 @@ def test_full_recipe_under_torchrun_gloo(tmp_path, toy_zoo):
 
 
 def test_iteration_based_mixture_of_caption_json_and_webdataset_shards(tmp_path, plugin):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
 
     cfg = os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_mixture_opt.yaml")
     runner = build(["--cfg-path", cfg, "--options", f"run.output_dir={tmp_path}", "run.job_id=job",
@@ -138,7 +138,7 @@ def test_iteration_based_mixture_of_caption_json_and_webdataset_shards(tmp_path,
 
 
 def test_mixture_ratios_must_name_the_training_datasets(tmp_path, plugin):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
 
     cfg = os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_mixture_opt.yaml")
     runner = build(["--cfg-path", cfg, "--options", f"run.output_dir={tmp_path}", "run.job_id=job",

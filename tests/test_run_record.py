@@ -80,7 +80,7 @@ def test_kill9_during_validation_then_resume_keeps_metrics_and_the_true_best(tmp
         assert torch.equal(final["model"][key], ckpt["model"][key])
 
     # resuming a finished run into a smaller max_epoch is an error, not a silent exit 0
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
 
     runner = build(["--cfg-path", CAPTION_CFG, "--options", f"run.output_dir={tmp_path}", "run.job_id=again",
                     *FAST, f"run.resume_ckpt_path={job / 'checkpoint_1.pth'}", "run.max_epoch=1"],
@@ -101,7 +101,7 @@ def test_kill9_during_validation_then_resume_keeps_metrics_and_the_true_best(tmp
 
 
 def test_a_second_run_into_the_same_directory_is_refused_naming_the_first(tmp_path, toy_zoo):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
     from lavis_vpgtrans.runners.run_record import RunDirError
 
     first = subprocess.Popen(train_argv(tmp_path, "run.max_epoch=50"), cwd=tmp_path, env=env(),
@@ -187,7 +187,7 @@ def test_config_checks_pass_the_real_keys_and_have_an_escape_hatch(plugin):
 
 
 def test_a_typo_fails_train_py_before_anything_is_built(plugin, tmp_path):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
     from lavis_vpgtrans.common.config import ConfigKeyError
 
     with pytest.raises(ConfigKeyError, match="model.vpg_chekpoint"):
@@ -243,7 +243,7 @@ def test_data_errors_name_the_file_and_the_record(tmp_path, plugin):
 
 
 def test_a_training_epoch_skips_and_reports_unreadable_images(tmp_path, plugin, caplog):
-    from lavis_vpgtrans.cli import build
+    from lavis_vpgtrans.runners.launch import build
 
     good = toy_train_set(tmp_path)
     record = dict(good.annotation[0], image=os.path.join(good.vis_root, good.annotation[0]["image"]))

@@ -4,8 +4,8 @@ LAVIS's builders download annotations into `cache_root` (which defaults to /expo
 Ours never download: every path in `build_info` is resolved once, at construction, against
   - "<scheme>:<path>" -> the scheme's resolver (common/paths.py; "toy:" is the offline toy zoo),
   - an absolute path -> itself,
-  - a relative path -> `data_root` from the dataset config if set, else `run.data_root`,
-    else LAVIS's cache_root,
+  - a relative path -> `data_root` from the dataset config if set, else `run.data_root` (a
+    relative data_root from the working directory), else LAVIS's cache_root,
 and a missing file is an error naming the dataset, split, path and what produces it.
 
 Builders of other packages (the toy world's toy_caption / toy_vqa) are registered when a
@@ -58,12 +58,14 @@ class LocalFilesBuilder(BaseDatasetBuilder):
         return getattr(configuration, "run_cfg", None) if configuration is not None else None
 
     def _root(self) -> str:
-        """The dataset's data_root, else the run's `run.data_root`, else LAVIS's cache_root."""
+        """The dataset's data_root, else the run's `run.data_root` (a relative one from the working
+        directory), else LAVIS's cache_root."""
         root = self.config.get("data_root", None)
         if not root:
             run_cfg = self._run_cfg()
             root = run_cfg.get("data_root", None) if run_cfg is not None else None
-        return resolve_path(root) if root else registry.get_path("cache_root")
+        # absolute: LAVIS would take a relative path from its cache_root
+        return os.path.abspath(os.path.expanduser(resolve_path(root))) if root else registry.get_path("cache_root")
 
     def build(self):
         """LAVIS's build; the training split skips and counts unreadable images where

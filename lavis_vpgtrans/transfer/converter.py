@@ -19,8 +19,8 @@ Mistral, Gemma, ...) gets the generic blip2_causal_lm.
    nearest-neighbour accuracy (cosine) over the whole target vocabulary on a seeded sample of
    them (--nn-sample), chunked so nothing vocab x vocab is ever built. With --quality-text,
    the same again on the held-out pairs whose two tokens both occur in that text (e.g. the
-   LLMs' pre-training text): shared tokens that no text trains keep their random embeddings,
-   which no map can predict.
+   LLMs' pre-training text): shared tokens that no text trains keep their initial embeddings,
+   which tell nothing about the map between the trained ones.
 4. Merge with the source projector f_s(x) = W_s x + b_s:
        W_t = W_c W_s,    b_t = W_c b_s + b_c
    and write {"model": {"<tgt_proj>.weight", "<tgt_proj>.bias"}, "metadata": {...}}, which the

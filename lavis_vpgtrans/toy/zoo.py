@@ -40,7 +40,6 @@ same bytes.
 
 import argparse
 import hashlib
-import json
 import logging
 import math
 import os
@@ -52,13 +51,12 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from lavis_vpgtrans.models.eva_vit import build_eva_vit, save_eva_vit_dir
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
 from lavis_vpgtrans.toy import instruct, shards, world
 
 ZOO_VERSION = "7"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
-VIT_CONFIG_NAME = "config.json"
-VIT_WEIGHTS_NAME = "model.safetensors"
 
 # Tiny but structurally faithful sizes: two OPT widths so that cross-size transfer changes
 # the LLM hidden size, as OPT-2.7B -> 6.7B does.
@@ -428,17 +426,12 @@ def pretrain_vit(vit, cfg, steps=150, n_scenes=2000, batch_size=128, lr=2e-3, se
 
 def save_toy_vit(out_dir, seed=0, pretrain=False, steps=150, **overrides):
     """A tiny EVA ViT with LAVIS's own VisionTransformer class, stored as config + weights."""
-    from safetensors.torch import save_file
-
     cfg = {**TOY_VIT, **overrides}
     torch.manual_seed(seed)
     vit = build_eva_vit(cfg)
     if pretrain:
         pretrain_vit(vit, cfg, steps=steps, seed=seed)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, VIT_CONFIG_NAME), "w") as f:
-        json.dump({"architecture": "eva_vit", **cfg}, f, indent=2)
-    save_file(vit.state_dict(), os.path.join(out_dir, VIT_WEIGHTS_NAME))
+    save_eva_vit_dir(vit, cfg, out_dir)
 
 
 def related_embeddings(embeddings: torch.Tensor, width: int, seed: int) -> torch.Tensor:
@@ -465,18 +458,6 @@ def _relate_to(model, tokenizer, base, base_tokenizer, seed: int) -> None:
     mapped = related_embeddings(base_emb, emb.shape[1], seed)
     with torch.no_grad():
         emb[pairs.tgt_ids] = mapped[pairs.src_ids] * (emb.std() / mapped[pairs.src_ids].std())
-
-
-def build_eva_vit(cfg, drop_path_rate=0.0, use_checkpoint=False):
-    from functools import partial
-
-    from lavis.models.eva_vit import VisionTransformer
-
-    return VisionTransformer(
-        img_size=cfg["img_size"], patch_size=cfg["patch_size"], embed_dim=cfg["embed_dim"],
-        depth=cfg["depth"], num_heads=cfg["num_heads"], mlp_ratio=cfg["mlp_ratio"],
-        qkv_bias=cfg.get("qkv_bias", True), use_mean_pooling=False, drop_path_rate=drop_path_rate,
-        norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), use_checkpoint=use_checkpoint)
 
 
 def build_zoo(out: str, seed: int = 0, profile: Union[str, ZooProfile] = DEFAULT_PROFILE, progress=None) -> None:

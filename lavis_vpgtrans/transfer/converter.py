@@ -288,24 +288,22 @@ def projector_name_for_arch(arch: str) -> str:
             raise TransferError(str(e.args[0] if e.args else e)) from e
 
 
-# The target class by config.json's model_type when --tgt-arch is omitted: families with a
-# class of their own keep it (their released checkpoints name the projector after it); any
-# other decoder-only causal LM gets the generic class.
-ARCH_BY_MODEL_TYPE = {"opt": "blip2_opt_transfer", "t5": "blip2_t5_transfer", "llama": "blip2_llama"}
-GENERIC_CAUSAL_LM_ARCH = "blip2_causal_lm"
+# The target class by config.json's model_type when --tgt-arch is omitted (the table is
+# models/projector.py's ARCH_BY_LLM_TYPE).
 _NAME_IT = "name the target projector with --tgt-arch or --tgt-projector-key"
 
 
 def target_arch_for(name_or_path: str) -> str:
     """The registered model class for a target LLM, from the model_type in its config.json."""
+    from lavis_vpgtrans.models.projector import ARCH_BY_LLM_TYPE, GENERIC_CAUSAL_LM_ARCH
     from transformers import CONFIG_MAPPING
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     config = read_model_config(name_or_path)
     model_type = config.get("model_type")
     where = f"config.json of {name_or_path!r} (model_type={model_type!r})"
-    if model_type in ARCH_BY_MODEL_TYPE:
-        return ARCH_BY_MODEL_TYPE[model_type]
+    if model_type in ARCH_BY_LLM_TYPE:
+        return ARCH_BY_LLM_TYPE[model_type]
     if model_type not in CONFIG_MAPPING:
         raise TransferError(f"{where}: not a model type this transformers knows; {_NAME_IT}")
     encoder_decoder = config.get("is_encoder_decoder")

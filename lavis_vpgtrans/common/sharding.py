@@ -96,11 +96,18 @@ def qformer_layers(model: nn.Module):
     return list(model.Qformer.bert.encoder.layer)
 
 
+# loaded from pretrained files on every rank alike: not broadcast (a 70B LLM would be sent whole)
+PRETRAINED_PARTS = ("llm_model.", "visual_encoder.")
+
+
 def sync_from_rank0(model: nn.Module) -> None:
-    """Every rank takes rank 0's parameters and buffers, as DDP does when it wraps a model: LAVIS
-    seeds each rank differently, so randomly initialised parts differ before this."""
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(tensor.data, src=0)
+    """Every rank takes rank 0's parameters and buffers outside the pretrained LLM and ViT, as DDP
+    does when it wraps a model: LAVIS seeds each rank differently, so randomly initialised parts
+    (query tokens, a projector without a checkpoint) differ before this."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    for name, tensor in named:
+        if not name.startswith(PRETRAINED_PARTS):
+            dist.broadcast(tensor.data, src=0)
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: CheckpointingConfig) -> None:

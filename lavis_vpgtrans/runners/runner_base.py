@@ -487,8 +487,9 @@ class PortableRunner(RunnerBase):
     def optimizer_state_dict(self):
         """The optimizer's state; when sharded, with full tensors keyed by parameter name (gathered on
         rank 0: every rank must call this)."""
-        if sharding.is_sharded(self.unwrap_dist_model(self.model)):
-            return sharding.full_optimizer_state(self.unwrap_dist_model(self.model), self.optimizer)
+        model = self.unwrap_dist_model(self.model)
+        if sharding.is_sharded(model):
+            return sharding.full_optimizer_state(model, self.optimizer)
         return self.optimizer.state_dict()
 
     def _save_checkpoint(self, cur_epoch, is_best=False, validated=False):

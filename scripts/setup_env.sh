@@ -16,6 +16,13 @@ if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$(stamp_of)" ]; the
 fi
 
 echo "[setup_env] building .venv (LAVIS 1.0.2 + transformers from requirements.txt)"
+# torch's CUDA build (the CPU wheels are not on PyPI) makes .venv about 7 GiB: say so up front
+# rather than leave pip's "No space left on device" halfway through to explain it
+free_gib=$(df -Pk . | awk 'NR == 2 {print int($4 / 1048576)}')
+if [ "${free_gib:-0}" -lt 10 ]; then
+  echo "[setup_env] warning: ${free_gib} GiB free on the filesystem of $PWD; .venv needs about 7 GiB" \
+    "plus pip's temporary files (about 10 GiB in all)" >&2
+fi
 "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt

@@ -1,6 +1,8 @@
 """Shared fixtures: an offline environment and one toy zoo per test session."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -9,8 +11,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Read when lavis_vpgtrans is imported: keep LAVIS's cache out of the user's home.
-os.environ.setdefault("LAVIS_CACHE_ROOT", tempfile.mkdtemp(prefix="lavis_cache_"))
+# Read when lavis_vpgtrans is imported: keep LAVIS's cache out of the user's home (and remove
+# the one made here when the session ends).
+if "LAVIS_CACHE_ROOT" not in os.environ:
+    os.environ["LAVIS_CACHE_ROOT"] = tempfile.mkdtemp(prefix="lavis_cache_")
+    atexit.register(shutil.rmtree, os.environ["LAVIS_CACHE_ROOT"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -179,6 +179,20 @@ def test_a_typo_in_a_config_key_or_registry_name_is_an_error_naming_it(plugin, o
         checked(option)
 
 
+@pytest.mark.parametrize("entry, message", [
+    ("{name: vqa, cfg_path: x.yaml, spilt: val}", r"'run.extra_validation\[0\].spilt'; did you mean 'split'\?"),
+    ("{name: vqa, cfg_path: x.yaml, run: {num_beam: 1}}", r"'run.extra_validation\[0\].run.num_beam'; did you mean "
+                                                          r"'num_beams'\?"),
+    ("{name: vqa, cfg_path: x.yaml, datasets: {toy_vq: {}}}", r"run.extra_validation\[0\].datasets.toy_vq='toy_vq' "
+                                                              r"is not registered; did you mean 'toy_vqa'\?"),
+])
+def test_a_typo_in_an_extra_validation_entry_is_an_error_naming_it(plugin, entry, message):
+    from lavis_vpgtrans.common.config import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match=message):
+        checked(f"run.extra_validation=[{entry}]")
+
+
 def test_config_checks_pass_the_real_keys_and_have_an_escape_hatch(plugin):
     checked()  # the demo config as it is
     # the recipe runner's own keys are known where that runner is used

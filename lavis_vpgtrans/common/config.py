@@ -128,6 +128,10 @@ def _registered(kind: str, name, what: str) -> type:
     return cls
 
 
+# an entry of run.extra_validation: what runner_base.PortableRunner._build_benchmark reads
+EXTRA_VALIDATION_KEYS = frozenset({"name", "cfg_path", "split", "datasets", "run"})
+
+
 def check_config(cfg) -> None:
     """Every key of the run, model and dataset sections must be one the registered runner, task,
     model and builders (or this plugin's entry points) read, and every registry name must
@@ -166,6 +170,15 @@ def check_config(cfg) -> None:
                           "run_cfg") | {"unchecked_keys"}
     others = [*registry.mapping["runner_name_mapping"].values(), *registry.mapping["task_name_mapping"].values()]
     check("run", run_cfg, known_run, keys_read(others, "run_cfg"))
+    # run.extra_validation entries (runner_base.extra_benchmarks): their keys, the benchmarks'
+    # dataset names and the run settings they override in the benchmark's config
+    known_task_run = keys_read([*registry.mapping["task_name_mapping"].values(), lavis.tasks], "run_cfg")
+    for i, entry in enumerate(run_cfg.get("extra_validation", None) or []):
+        where = f"run.extra_validation[{i}]"
+        check(where, entry, EXTRA_VALIDATION_KEYS)
+        check(f"{where}.run", entry.get("run", None) or {}, known_task_run)
+        for name in entry.get("datasets", None) or {}:
+            _registered("builder", name, f"{where}.datasets.{name}")
 
     llm = model_cfg.get("llm_model", None)
     if isinstance(llm, str) and llm.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(llm)):

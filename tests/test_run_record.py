@@ -171,26 +171,19 @@ def checked(*options, cfg_path=CAPTION_CFG):
                                      r"'blip2_opt_transfer'\?"),
     ("run.task=vpgtrans_captionig", r"run.task='vpgtrans_captionig' is not registered; did you mean "
                                     r"'vpgtrans_captioning'\?"),
+    # run.extra_validation entries: their keys, their run overrides, their dataset names
+    ("run.extra_validation=[{name: vqa, cfg_path: x.yaml, spilt: val}]",
+     r"'run.extra_validation\[0\].spilt'; did you mean 'split'\?"),
+    ("run.extra_validation=[{name: vqa, cfg_path: x.yaml, run: {num_beam: 1}}]",
+     r"'run.extra_validation\[0\].run.num_beam'; did you mean 'num_beams'\?"),
+    ("run.extra_validation=[{name: vqa, cfg_path: x.yaml, datasets: {toy_vq: {}}}]",
+     r"run.extra_validation\[0\].datasets.toy_vq='toy_vq' is not registered; did you mean 'toy_vqa'\?"),
 ])
 def test_a_typo_in_a_config_key_or_registry_name_is_an_error_naming_it(plugin, option, message):
     from lavis_vpgtrans.common.config import ConfigKeyError
 
     with pytest.raises(ConfigKeyError, match=message):
         checked(option)
-
-
-@pytest.mark.parametrize("entry, message", [
-    ("{name: vqa, cfg_path: x.yaml, spilt: val}", r"'run.extra_validation\[0\].spilt'; did you mean 'split'\?"),
-    ("{name: vqa, cfg_path: x.yaml, run: {num_beam: 1}}", r"'run.extra_validation\[0\].run.num_beam'; did you mean "
-                                                          r"'num_beams'\?"),
-    ("{name: vqa, cfg_path: x.yaml, datasets: {toy_vq: {}}}", r"run.extra_validation\[0\].datasets.toy_vq='toy_vq' "
-                                                              r"is not registered; did you mean 'toy_vqa'\?"),
-])
-def test_a_typo_in_an_extra_validation_entry_is_an_error_naming_it(plugin, entry, message):
-    from lavis_vpgtrans.common.config import ConfigKeyError
-
-    with pytest.raises(ConfigKeyError, match=message):
-        checked(f"run.extra_validation=[{entry}]")
 
 
 def test_config_checks_pass_the_real_keys_and_have_an_escape_hatch(plugin):

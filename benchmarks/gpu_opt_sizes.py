@@ -11,10 +11,10 @@ once into --workdir in the formats the configs read:
     `save_pretrained` directory with the toy OPT tokenizer;
   - EVA ViT-g (1408-d, 39 blocks, 224 px, patch 14) as an EVA-ViT directory
     (models/eva_vit.py), and a bert-base-sized Q-Former initialisation.
-Stock LAVIS's Blip2OPT is built with only its download helpers pointed at those files (as
-tests/test_lavis_equivalence.py does). Each configuration trains `--steps` steps of the stage-2
-trainable set (Q-Former, query tokens, ln_vision, projector) on random images and captions in
-LAVIS's precision (fp16 ViT and LLM, autocast) and prints the peak memory allocated on the
+Stock LAVIS's Blip2OPT is built with only its download helpers pointed at those files
+(common/stock_lavis.py, as tests/test_lavis_equivalence.py does). Each configuration trains
+`--steps` steps of the stage-2 trainable set (Q-Former, query tokens, ln_vision, projector) on
+random images and captions in LAVIS's precision (fp16 ViT and LLM, autocast) and prints the peak memory allocated on the
 device and the mean step time after one warm-up step. With --sharded (torchrun, N GPUs) ours runs
 with the LLM and ViT sharded (common/sharding.py) next to the replicated run.
 """
@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import time
-from contextlib import contextmanager
 
 import torch
 
@@ -64,40 +63,13 @@ def write_parts(workdir, tiny):
     return dirs
 
 
-@contextmanager
-def stock_downloads_redirected(dirs):
-    """LAVIS's Blip2Base downloads EVA ViT-g and bert-base-uncased: only those go to `dirs`."""
-    from lavis.models.blip2_models import blip2 as lavis_blip2
-
-    from lavis_vpgtrans.models.eva_vit import load_eva_vit_dir
-
-    def local_vit(img_size, drop_path_rate, use_checkpoint, precision):
-        return load_eva_vit_dir(dirs["vit"], img_size, drop_path_rate, use_checkpoint, precision)[0]
-
-    def redirected(cls):
-        class FromLocalBert(cls):
-            @classmethod
-            def from_pretrained(klass, name, *args, **kwargs):
-                return cls.from_pretrained(dirs["bert"] if name == "bert-base-uncased" else name, *args, **kwargs)
-        return FromLocalBert
-
-    saved = {name: getattr(lavis_blip2, name) for name in ("create_eva_vit_g", "BertConfig", "BertLMHeadModel",
-                                                         "BertTokenizer")}
-    lavis_blip2.create_eva_vit_g = local_vit
-    for name in ("BertConfig", "BertLMHeadModel", "BertTokenizer"):
-        setattr(lavis_blip2, name, redirected(saved[name]))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(lavis_blip2, name, value)
-
-
 def build(kind, dirs, img_size, device):
     if kind == "stock":
         from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-        with stock_downloads_redirected(dirs):
+        from lavis_vpgtrans.common.stock_lavis import local_blip2_parts
+
+        with local_blip2_parts(dirs["vit"], dirs["bert"]):
             model = Blip2OPT(img_size=img_size, vit_precision="fp16", opt_model=dirs["llm"], prompt="")
         # LAVIS trains the VPG (its freeze_vit keeps the ViT frozen; the LLM is always frozen)
         return model.to(device)
@@ -161,8 +133,8 @@ def main():
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if args.device == "cuda" else args.device)
     rank = dist.get_rank() if distributed else 0
     workdir = args.workdir + ("_tiny" if args.tiny else "")
-    if rank == 0:
-        dirs = write_parts(workdir, args.tiny)
+    if rank == 0:  # the others read what rank 0 wrote
+        write_parts(workdir, args.tiny)
     if distributed:
         dist.barrier()
     dirs = write_parts(workdir, args.tiny)

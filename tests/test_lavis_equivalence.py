@@ -33,34 +33,10 @@ VQA_PROMPT = "Question: {} Short answer:"
 def lavis_download_helpers_replaced(plugin):
     """LAVIS's Blip2Base downloads EVA ViT-g and bert-base-uncased: point those (and only those)
     at the toy zoo's ViT and BERT."""
-    from lavis.models.blip2_models import blip2 as lavis_blip2
-    from safetensors.torch import load_file
-
-    from lavis_vpgtrans.models import eva_vit
+    from lavis_vpgtrans.common.stock_lavis import local_blip2_parts
     from lavis_vpgtrans.toy import zoo
 
-    bert = zoo.resolve("toy:bert")
-
-    def redirected(cls):
-        class FromToyBert(cls):
-            @classmethod
-            def from_pretrained(klass, name, *args, **kwargs):
-                return cls.from_pretrained(bert if name == "bert-base-uncased" else name, *args, **kwargs)
-        return FromToyBert
-
-    def toy_eva_vit(img_size, drop_path_rate, use_checkpoint, precision):
-        vit_dir = zoo.resolve("toy:eva-vit")
-        with open(os.path.join(vit_dir, eva_vit.VIT_CONFIG_NAME)) as f:
-            cfg = json.load(f)
-        assert cfg["img_size"] == img_size
-        vit = eva_vit.build_eva_vit(cfg, drop_path_rate, use_checkpoint)
-        vit.load_state_dict(load_file(os.path.join(vit_dir, eva_vit.VIT_WEIGHTS_NAME)))
-        return vit
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(lavis_blip2, "create_eva_vit_g", toy_eva_vit)
-        for name in ("BertConfig", "BertLMHeadModel", "BertTokenizer"):
-            mp.setattr(lavis_blip2, name, redirected(getattr(lavis_blip2, name)))
+    with local_blip2_parts(zoo.resolve("toy:eva-vit"), zoo.resolve("toy:bert")):
         yield
 
 

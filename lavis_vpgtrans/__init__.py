@@ -31,9 +31,11 @@ try:
     from lavis_vpgtrans.models import blip2_qformer_pformer, pformer  # noqa: E402,F401
     from lavis_vpgtrans import tasks  # noqa: E402,F401
     from lavis_vpgtrans.runners import runner_base, runner_vpgtrans  # noqa: E402,F401
-    from lavis_vpgtrans.common import lavis_fixes  # noqa: E402
+    from lavis_vpgtrans.common import kernels, lavis_fixes  # noqa: E402
 
     lavis_fixes.apply()
+    if os.environ.get(kernels.PIN_FLAG) == "1":  # started with kernels.pinned_env()
+        kernels.apply_in_process()
     gc.freeze()
 finally:
     if _collecting:

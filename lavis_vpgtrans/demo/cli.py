@@ -12,6 +12,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from lavis_vpgtrans.analysis.speedup import LogError, load_run, plot_panel, run_analysis
 from lavis_vpgtrans.analysis.speedup import Run as SpeedupRun
+from lavis_vpgtrans.common import kernels
 from lavis_vpgtrans.demo import plan as P
 from lavis_vpgtrans.demo.jobs import JobFailed, run_jobs
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="demo", help="toy zoo profile (default: demo; 'test' is the test suite's "
                                                     "quick zoo, on which nothing is learnt well)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at once (default: 2)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1; the results are the same on every machine for the same count)")
     return p
 
 
@@ -393,10 +394,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cross_family = not args.no_cross_family
     say(f"VPGTrans demo: seeds {args.seeds}, {args.epochs} epochs per transfer, output in {out}")
 
-    # every job sees this zoo through `toy:` paths; one thread each, `--jobs` of them at once
-    env = dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads))
+    say(f"[world] {kernels.describe()}")
+    # every job sees this zoo through `toy:` paths; `--jobs` of them at once, each with pinned CPU
+    # kernels (the same results on any x86-64 machine with AVX2) and `--threads` threads
+    env = kernels.pinned_env(dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1",
+                                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
+                             threads=args.threads)
     timings = {}
     t = time.time()
     build_world(zoo_dir, args.profile)
@@ -441,7 +444,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if transfer in results[seed]:
                     f.write(f"## seed {seed}, opt-small -> {transfer}\n\n{results[seed][transfer]['markdown']}\n")
     summary = {
-        "args": vars(args), "zoo": zoo_dir, "zoo_stamp": zoo_stamp(zoo_dir), "stage1_checkpoint": stage1,
+        "args": vars(args), "kernels": kernels.describe(), "zoo": zoo_dir, "zoo_stamp": zoo_stamp(zoo_dir), "stage1_checkpoint": stage1,
         "metrics": P.METRICS, "goal": outcome, "further_goals": further, "timings_s": timings,
         "seeds": {str(seed): {k: v for k, v in res.items() if k not in ("opt-large", "llama")}
                   | {transfer: {"tables": res[transfer]["tables"]} for transfer in ("opt-large", "llama")
@@ -461,6 +464,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def entry() -> int:
+    # the world is built in this process: pinned kernels from the start (common/kernels.py)
+    kernels.reexec_pinned("lavis_vpgtrans.demo", sys.argv[1:])
     try:
         return main()
     except (JobFailed, LogError, OSError) as err:  # the message names the job, log or file

@@ -35,7 +35,8 @@ Two profiles of the same world (PROFILES):
          embeddings had no linear relation to OPT's (converter held-out cosine ~0.01).
 The decoder-only LMs learn the released BLIP-2 / VPGTrans end of text: every line ends with
 "\n". The build is deterministic (deterministic_build): the same seed and profile give the
-same bytes.
+same bytes, on any x86-64 machine with AVX2 when built with pinned CPU kernels
+(common/kernels.py; ensure_zoo always builds so).
 """
 
 import argparse
@@ -44,6 +45,8 @@ import logging
 import math
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,11 +54,12 @@ from typing import Dict, Optional, Union
 
 import torch
 
+from lavis_vpgtrans.common import kernels
 from lavis_vpgtrans.models.eva_vit import build_eva_vit, save_eva_vit_dir
 from lavis_vpgtrans.toy import benchmarks as toy_benchmarks
 from lavis_vpgtrans.toy import instruct, shards, world
 
-ZOO_VERSION = "7"  # bump when the zoo's content changes; stale zoos are rebuilt
+ZOO_VERSION = "8"  # bump when the zoo's content changes; stale zoos are rebuilt
 TOY_PREFIX = "toy:"
 
 # Tiny but structurally faithful sizes: two OPT widths so that cross-size transfer changes
@@ -109,6 +113,7 @@ PROFILES = {
 }
 DEFAULT_PROFILE = "test"
 STAMP_NAME = "ZOO_VERSION"
+KERNELS_NAME = "KERNELS"  # the CPU kernels it was built with (kernels.describe())
 LM_TEXT_NAME = "lm_text.txt"  # in data/
 
 
@@ -204,7 +209,7 @@ def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
             return root
         tmp = tempfile.mkdtemp(prefix=".toy_zoo_build_", dir=os.path.dirname(root))
         try:
-            build_zoo(tmp, profile=profile or DEFAULT_PROFILE, progress=progress)
+            _build_pinned(tmp, profile or DEFAULT_PROFILE, progress)
             if os.path.exists(root):
                 shutil.rmtree(root)
             os.rename(tmp, root)
@@ -212,6 +217,19 @@ def ensure_zoo(root: str = None, profile: str = None, progress=None) -> str:
             if os.path.exists(tmp):
                 shutil.rmtree(tmp)
     return root
+
+
+def _build_pinned(out: str, profile: str, progress) -> None:
+    """build_zoo with pinned CPU kernels (common/kernels.py), so that the zoo is the same on
+    every machine: in this process if it was started pinned, else in a pinned child process
+    (without progress reports)."""
+    if kernels.is_pinned():
+        build_zoo(out, profile=profile, progress=progress)
+        return
+    command = [sys.executable, "-m", "lavis_vpgtrans.toy.zoo", "--build-dir", out, "--profile", profile]
+    logging.info("building the toy zoo in a process with pinned CPU kernels: %s", " ".join(command))
+    if subprocess.run(command, env=kernels.pinned_env()).returncode != 0:
+        raise RuntimeError(f"building the toy zoo failed: {' '.join(command)} (its output is above)")
 
 
 # --------------------------------------------------------------------------- determinism
@@ -465,6 +483,7 @@ def build_zoo(out: str, seed: int = 0, profile: Union[str, ZooProfile] = DEFAULT
     one for tests) into `out`, the same bytes for the same seed and profile (see
     deterministic_build). `progress(what, done, total)`, if given, is called as the build goes
     (the LM pre-training step by step)."""
+    logging.log(logging.INFO if kernels.is_pinned() else logging.WARNING, "toy zoo build: %s", kernels.describe())
     with deterministic_build():
         _build_zoo(out, seed, PROFILES[profile] if isinstance(profile, str) else profile, progress)
 
@@ -574,6 +593,8 @@ def _build_zoo(out: str, seed: int, prof: ZooProfile, progress) -> None:
     save_toy_vit(os.path.join(out, "eva-vit"), seed=seed + 50, pretrain=prof.pretrain_vit, steps=prof.vit_steps)
     report("ViT", 1, 1)
 
+    with open(os.path.join(out, KERNELS_NAME), "w") as f:
+        f.write(kernels.describe() + "\n")
     with open(os.path.join(out, STAMP_NAME), "w") as f:
         f.write(_stamp(prof.name))
 
@@ -583,8 +604,13 @@ def main(argv=None):
     parser.add_argument("--profile", default=DEFAULT_PROFILE, choices=sorted(PROFILES))
     parser.add_argument("--out", default=None, help="zoo directory (default: $VPGTRANS_TOY_ZOO, else "
                                                     "<cache>/toy_zoo or, for the demo profile, <cache>/toy_zoo_demo)")
+    # ensure_zoo's pinned child process: build into this (new) directory, nothing else
+    parser.add_argument("--build-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    if args.build_dir:
+        build_zoo(args.build_dir, profile=args.profile)
+        return
     print(ensure_zoo(args.out, profile=args.profile))
 
 

@@ -345,10 +345,70 @@ def test_alignment_config_errors(pf, stage0):
                   pformer_checkpoint=pformer_ckpt(stage0), align_weight=100.0)
     from lavis_vpgtrans.common.checkpoint import CheckpointError
 
-    # a P-Former trained for the 32-wide OPT cannot give targets for the 64-wide one
+    # a P-Former trained for the 32-wide OPT cannot give targets for the 64-wide one: refused for
+    # its LLM, and by shape even when the config claims the two LLMs are the same
+    opt_large = dict(pformer_model_type="tiny_opt_large", pformer_checkpoint=pformer_ckpt(stage0), align_weight=100.0)
+    with pytest.raises(CheckpointError, match="trained for LLM 'toy:opt-small'"):
+        load_tiny("blip2_opt_transfer", "tiny_opt_large", **opt_large)
     with pytest.raises(CheckpointError, match="shape mismatch"):
-        load_tiny("blip2_opt_transfer", "tiny_opt_large", pformer_model_type="tiny_opt_large",
-                  pformer_checkpoint=pformer_ckpt(stage0), align_weight=100.0)
+        load_tiny("blip2_opt_transfer", "tiny_opt_large", pformer_llm_model="toy:opt-small", **opt_large)
+
+
+def test_alignment_refuses_a_pformer_trained_for_another_llm(pf, stage0, tmp_path):
+    """The stage-0 checkpoint records its LLM; stages 1 and 2 refuse a P-Former recorded for
+    another LLM (here one of the same width, which loads without any shape error), naming the
+    file and both LLMs, unless `pformer_llm_model` states the recorded one is the same LLM."""
+    from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file
+    from lavis_vpgtrans.common.paths import resolve_path
+
+    enc = pf.encoder
+    ckpt = load_checkpoint_file(pformer_ckpt(stage0))  # the safe (weights-only) loader
+    assert enc.recorded_llm(ckpt) == "toy:opt-small"  # stage 0's model.llm_model, in the checkpoint
+
+    def variant(name, llm=None):
+        path = tmp_path / name
+        config = {"model": {"arch": "pformer", "llm_model": llm}} if llm else None
+        torch.save({"model": ckpt["model"], **({"config": config} if config else {})}, path)
+        return str(path)
+
+    llama = variant("pformer_llama.pth", "toy:llama")  # OPT-small's weights: the same width
+    stage2 = dict(pformer_model_type="tiny_opt_small", align_weight=100.0)
+    with pytest.raises(CheckpointError) as err:
+        load_tiny("blip2_opt_transfer", "tiny_opt_small", pformer_checkpoint=llama, **stage2)
+    message = str(err.value)
+    assert llama in message and "'toy:llama'" in message and "'toy:opt-small'" in message
+    assert "its llm_model" in message and "pformer_llm_model: 'toy:llama'" in message
+    with pytest.raises(CheckpointError) as err:
+        load_tiny("blip2_qformer_pformer", "tiny_opt_small", pformer_checkpoint=llama)
+    message = str(err.value)
+    assert llama in message and "'toy:llama'" in message and "'toy:opt-small'" in message
+    assert "pformer_model_type 'tiny_opt_small'" in message
+
+    # the matching P-Former is accepted; so is the other one when the config says it is the same LLM
+    assert load_tiny("blip2_qformer_pformer", "tiny_opt_small", pformer_checkpoint=pformer_ckpt(stage0)).pformer
+    assert load_tiny("blip2_opt_transfer", "tiny_opt_small", pformer_checkpoint=llama,
+                     pformer_llm_model="toy:llama", **stage2).pformer is not None
+    load = dict(model_type="tiny_opt_small", num_query_token=8, llm_width=32)
+    with pytest.raises(CheckpointError, match="not for 'toy:vicuna' as model.pformer_llm_model states"):
+        enc.load_frozen_pformer(checkpoint=llama, llm_model="toy:opt-small", pformer_llm_model="toy:vicuna", **load)
+
+    # names compare as configured after normalisation: the same directory spelled otherwise matches
+    opt_dir = resolve_path("toy:opt-small")
+    os.symlink(opt_dir, tmp_path / "opt-link")
+    by_path = variant("pformer_path.pth", opt_dir + "/")
+    assert enc.load_frozen_pformer(checkpoint=by_path, llm_model=str(tmp_path / "opt-link"), **load) is not None
+    with pytest.raises(CheckpointError, match="trained for LLM"):
+        enc.load_frozen_pformer(checkpoint=by_path, llm_model="toy:opt-small", **load)
+    assert enc.normalise_llm_name("/hf/hub/models--facebook--opt-2.7b/snapshots/abc123") == "facebook/opt-2.7b"
+    assert enc.normalise_llm_name(" facebook/opt-2.7b/ ") == "facebook/opt-2.7b"
+
+    # a checkpoint without the record: refused, unless the config names its LLM
+    bare = variant("pformer_bare.pth")
+    with pytest.raises(CheckpointError, match="does not record the LLM") as err:
+        enc.load_frozen_pformer(checkpoint=bare, llm_model="toy:opt-small", **load)
+    assert bare in str(err.value) and "pformer_llm_model: 'toy:opt-small'" in str(err.value)
+    assert enc.load_frozen_pformer(checkpoint=bare, llm_model="toy:opt-small", pformer_llm_model="toy:opt-small",
+                                   **load) is not None
 
 
 # --------------------------------------------------------------------------- paper configs
@@ -375,3 +435,18 @@ def test_paper_configs(pf, stage, arch, weight):
                                          "vpgtrans_sbu_caption", "conceptual_caption_3m"}  # the paper's 4M
     for value in (model.get("pformer_checkpoint"), model.get("vpg_checkpoint"), run.output_dir):
         assert value is None or not os.path.isabs(value)
+
+
+def test_stage1_config_trains_with_the_blip2_image_transform(pf):
+    """Stage 1 follows the authors and LAVIS's BLIP-2 stage 1: blip2_image_train (crop + flip,
+    no RandAugment) for every dataset, at the configured size."""
+    from lavis.common.registry import registry
+    from lavis.processors.blip_processors import Blip2ImageTrainProcessor
+    from lavis_vpgtrans.common.config import PluginConfig
+
+    cfg = PluginConfig(argparse.Namespace(cfg_path=os.path.join(REPO, "projects", "pformer", "stage1.yaml"),
+                                          options=None))
+    for name, dataset in cfg.datasets_cfg.items():
+        train = dataset.vis_processor.train
+        assert (train.name, train.image_size) == ("blip2_image_train", 224), name
+    assert registry.get_processor_class("blip2_image_train") is Blip2ImageTrainProcessor

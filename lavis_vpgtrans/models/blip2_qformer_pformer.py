@@ -65,6 +65,7 @@ class Blip2QformerPFormer(Blip2PluginBase):
         max_txt_len: int = 32,
         pformer_model_type: str = None,
         pformer_checkpoint: str = None,
+        pformer_llm_model: str = None,
         align_weight: float = 10.0,
     ):
         super().__init__()
@@ -99,8 +100,11 @@ class Blip2QformerPFormer(Blip2PluginBase):
         self.align_weight = float(align_weight)
         self.pformer = None
         if self.align_weight > 0:
-            # Frozen, in eval mode, never in training checkpoints (requires_grad is False).
-            self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token)
+            # Frozen, in eval mode, never in training checkpoints (requires_grad is False). Refused
+            # unless trained for the LLM of pformer_model_type (this model's llm_proj targets it),
+            # or for the LLM that pformer_llm_model states is the same one.
+            self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token,
+                                               pformer_llm_model=pformer_llm_model)
             self.add_module(self.projector_name, nn.Linear(hidden, self.pformer.llm_width))
 
     # ------------------------------------------------------------------ freezing

@@ -12,6 +12,7 @@ the stage-1 / stage-2 models hold a frozen copy of this encoder only (`load_froz
 
 import logging
 import os
+import re
 from typing import List, Optional, Tuple
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
-from lavis_vpgtrans.common.checkpoint import load_checkpoint_file, load_state_with_report
+from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file, load_state_with_report
 from lavis_vpgtrans.common.paths import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -118,13 +119,95 @@ class PFormerEncoder(nn.Module):
         return self(texts)[0]
 
 
+def recorded_llm(ckpt: dict) -> Optional[str]:
+    """The LLM a P-Former checkpoint was trained for, as its stage-0 run configured it: the run
+    config that the runner saves in every checkpoint ("config", with the model type's defaults
+    merged in) holds it as `model.llm_model`. None when the file does not record it."""
+    config = ckpt.get("config") or {}
+    model = config.get("model") if isinstance(config, dict) else None
+    llm = model.get("llm_model") if isinstance(model, dict) else None
+    return llm if isinstance(llm, str) and llm.strip() else None
+
+
+# An HF hub cache snapshot directory: .../models--<org>--<name>/snapshots/<revision>
+_HF_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/[^/]+$")
+# "toy:opt-small" and other "<scheme>:" names (common/paths.py), but not URLs
+_SCHEME_NAME = re.compile(r"^[a-z][a-z0-9_]+:(?!//)")
+
+LLM_NAME_RULE = ("LLM names are compared as configured, after normalisation only: surrounding spaces, "
+                 "trailing '/', '.' and '..' segments, symlinks of local directories that exist here, and "
+                 "HF-cache snapshot directories (read as their hub id); '<scheme>:' names (toy:...) are "
+                 "compared as written. The weights are not compared")
+
+
+def normalise_llm_name(name: str) -> str:
+    """The key two LLM names are compared by (LLM_NAME_RULE): a hub id or '<scheme>:' name as
+    written, a local directory that exists as its real path, an HF-cache snapshot as its hub id."""
+    name = str(name).strip()
+    if not name or (_SCHEME_NAME.match(name) and not os.path.exists(name)):
+        return name
+    name = os.path.realpath(name) if os.path.exists(name) else os.path.normpath(name)
+    snapshot = _HF_SNAPSHOT.search(name.replace(os.sep, "/"))
+    return f"{snapshot['org']}/{snapshot['name']}" if snapshot else name
+
+
+def check_pformer_llm(path: str, recorded: Optional[str], model_llm: str, model_llm_is: str,
+                      pformer_llm_model: Optional[str] = None) -> None:
+    """Refuses a P-Former trained for another LLM than the model's: its targets are the prompts
+    *that* LLM understands, and a same-width LLM (LLaMA-7B's P-Former for Vicuna-7B) would load
+    without any shape error. `recorded`: the checkpoint's record (recorded_llm); `model_llm`: the
+    LLM of the model being built, `model_llm_is` says where it comes from. `pformer_llm_model`
+    (config key of the same name) states which LLM the P-Former was trained for when that name
+    differs from the model's but is the same LLM (e.g. a local copy at another path): the record
+    must then match it instead of the model's LLM."""
+    way_out = ("if it is the same LLM (e.g. a local copy at another path), say so with "
+               "model.pformer_llm_model: {!r}")
+    if recorded is None:
+        # Refused rather than accepted with a warning: accepting is the silent failure this check
+        # exists for (a same-width LLM's P-Former loads and gives wrong targets for a whole run; a
+        # warning scrolls by in a long log), and the way out is one explicit config line.
+        if pformer_llm_model:
+            logger.warning("P-Former checkpoint %s does not record the LLM it was trained for: taken to be %r "
+                           "as model.pformer_llm_model states (this model's LLM: %r, %s)",
+                           path, pformer_llm_model, model_llm, model_llm_is)
+            return
+        raise CheckpointError(
+            f"P-Former checkpoint {path} does not record the LLM it was trained for (no model.llm_model in "
+            f"its saved run config: it was not written by a stage-0 run of this plugin); this model is built "
+            f"for LLM {model_llm!r} ({model_llm_is}). Retrain it with projects/pformer/stage0.yaml and "
+            f"model.llm_model={model_llm}, or, if it was trained for that LLM, "
+            f"say so with model.pformer_llm_model: {model_llm!r}")
+    if pformer_llm_model:
+        if normalise_llm_name(recorded) != normalise_llm_name(pformer_llm_model):
+            raise CheckpointError(
+                f"P-Former checkpoint {path} was trained for LLM {recorded!r}, not for {pformer_llm_model!r} "
+                f"as model.pformer_llm_model states (this model's LLM: {model_llm!r}, {model_llm_is}). "
+                f"{LLM_NAME_RULE}. Use a P-Former trained for the model's LLM, or "
+                + way_out.format(recorded))
+        if normalise_llm_name(recorded) != normalise_llm_name(model_llm):
+            logger.info("P-Former checkpoint %s, trained for LLM %r, accepted for this model's LLM %r (%s): "
+                        "model.pformer_llm_model states they are the same LLM", path, recorded, model_llm,
+                        model_llm_is)
+        return
+    if normalise_llm_name(recorded) != normalise_llm_name(model_llm):
+        raise CheckpointError(
+            f"P-Former checkpoint {path} was trained for LLM {recorded!r}, but this model is built for LLM "
+            f"{model_llm!r} ({model_llm_is}): a P-Former's targets are the prompts of the LLM it was trained "
+            f"with. {LLM_NAME_RULE}. Use a P-Former trained for {model_llm!r} (projects/pformer/stage0.yaml "
+            f"with model.llm_model={model_llm}), or " + way_out.format(recorded))
+
+
 def load_frozen_pformer(model_type: str, checkpoint: str, num_query_token: int,
-                        llm_width: Optional[int] = None) -> PFormerEncoder:
+                        llm_width: Optional[int] = None, llm_model: Optional[str] = None,
+                        pformer_llm_model: Optional[str] = None) -> PFormerEncoder:
     """A trained P-Former encoder for alignment: architecture from the model type's yaml,
     weights from `checkpoint` (a `pformer` training checkpoint). Frozen and in eval mode.
 
     `num_query_token` and `llm_width` (when known: stage 2 has an LLM, stage 1 has not) must
     match the P-Former's, since its prompts are compared element-wise with the model's.
+    The checkpoint must have been trained for the model's LLM (check_pformer_llm): `llm_model`
+    (stage 2: the model's own; None, stage 1: the model type's `llm_model`, the LLM whose width
+    the stage-1 projector takes), or the LLM `pformer_llm_model` names as the same one.
     """
     if not model_type:
         raise ValueError("alignment needs `pformer_model_type` (a `pformer` model type, e.g. opt2.7b)")
@@ -132,21 +215,22 @@ def load_frozen_pformer(model_type: str, checkpoint: str, num_query_token: int,
         raise ValueError("alignment needs `pformer_checkpoint`: the trained P-Former (an untrained "
                          "one gives meaningless targets); train it with projects/pformer/stage0.yaml")
     cfg = pformer_config(model_type)
-    width = llm_width or llm_hidden_size(cfg.llm_model)
     if cfg.num_query_token != num_query_token:
         raise ValueError(f"P-Former {model_type!r} predicts {cfg.num_query_token} prompt vectors, "
                          f"the model has {num_query_token} query tokens")
-    encoder = PFormerEncoder(cfg.bert_model, cfg.num_query_token, width, cfg.get("prompt_width", None),
-                             cfg.get("max_txt_len", 32), load_bert_weights=False)
     path = resolve_path(checkpoint)
     ckpt = load_checkpoint_file(path)
+    if llm_model is None:
+        llm_model, model_llm_is = cfg.llm_model, f"the llm_model of pformer_model_type {model_type!r}"
+    else:
+        model_llm_is = "its llm_model"
+    check_pformer_llm(path, recorded_llm(ckpt), llm_model, model_llm_is, pformer_llm_model)
+    width = llm_width or llm_hidden_size(cfg.llm_model)
+    encoder = PFormerEncoder(cfg.bert_model, cfg.num_query_token, width, cfg.get("prompt_width", None),
+                             cfg.get("max_txt_len", 32), load_bert_weights=False)
     state = ckpt["model"]
     if any(k.startswith(ENCODER_PREFIX) for k in state):
         state = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
-    trained_for = ((ckpt.get("config") or {}).get("model") or {}).get("llm_model")
-    if trained_for and trained_for != cfg.llm_model:
-        logger.warning("P-Former checkpoint %s was trained with llm_model=%s, model type %r names %s",
-                       path, trained_for, model_type, cfg.llm_model)
     load_state_with_report(encoder, state, path,
                            required=[n for n, _ in encoder.named_parameters()]).log("frozen P-Former")
     for param in encoder.parameters():

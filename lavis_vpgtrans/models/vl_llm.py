@@ -62,6 +62,7 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         train_vpg: bool = True,
         pformer_model_type: str = None,
         pformer_checkpoint: str = None,
+        pformer_llm_model: str = None,
         align_weight: float = 0.0,
         end_sym=CLASS_DEFAULT,
         label_bos: bool = True,
@@ -97,8 +98,11 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         self.align_weight = float(align_weight)
         self.pformer = None
         if self.align_weight > 0:
+            # refused unless the P-Former was trained for this llm_model (or for the LLM that
+            # pformer_llm_model states is the same one)
             self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token,
-                                               llm_width=self.llm_model.config.hidden_size)
+                                               llm_width=self.llm_model.config.hidden_size, llm_model=llm_model,
+                                               pformer_llm_model=pformer_llm_model)
         self.set_trainable(train_vpg)
 
     # ------------------------------------------------------------------ freezing

@@ -34,10 +34,22 @@ VPGTRANS = Run("vpgtrans", "VPGTrans", "vpgtrans.yaml")
 NO_CONVERTER = Run("vpgtrans_no_converter", "VPGTrans w/o converter init", "vpgtrans_no_converter.yaml")
 CROSS_TFS = Run("cross_tfs", "TFS (LLaMA)", "cross_tfs.yaml")
 CROSS_VPGTRANS = Run("cross_vpgtrans", "VPGTrans opt-small->LLaMA", "cross_vpgtrans.yaml")
+CROSS_NO_CONVERTER = Run("cross_vpgtrans_no_converter", "VPGTrans opt-small->LLaMA w/o converter init",
+                         "cross_vpgtrans_no_converter.yaml")
 STAGE1 = Run("qformer_stage1", "BLIP-2 stage-1 Q-Former", "qformer_stage1.yaml")
 # the warm-up table (paper Table 2): projector-only epochs from the two initialisations
 WARMUP_CONVERTER = Run("warmup_converter", "converter init", "warmup.yaml")
 WARMUP_RANDOM = Run("warmup_random", "random init", "warmup_no_converter.yaml")
+# the warm-up's lr (paper: 5x reaches in 1 epoch what 1x reaches in 3; 10x adds nothing): the
+# converter-initialised warm-up at other multiples of the lr (WARMUP_CONVERTER is 5x)
+WARMUP_LR_SCALES = (1, 5, 10)
+WARMUP_DEFAULT_SCALE = 5  # warmup.yaml's run.warmup_lr_scale
+
+
+def warmup_lr_run(scale: int) -> Run:
+    if scale == WARMUP_DEFAULT_SCALE:
+        return WARMUP_CONVERTER
+    return Run(f"warmup_converter_lr{scale}x", f"converter init, {scale}x lr", WARMUP_CONVERTER.config)
 
 
 @dataclass
@@ -168,8 +180,9 @@ def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epo
     ]
     if cross_family:
         to_llama = converters[1]
-        transfers.append(train(CROSS_VPGTRANS, epochs, inherit_vpg + [f"model.projector_checkpoint={to_llama.product}"],
-                               deps=[source.key, to_llama.key]))
+        transfers += [train(CROSS_VPGTRANS, epochs, inherit_vpg + [f"model.projector_checkpoint={to_llama.product}"],
+                            deps=[source.key, to_llama.key]),
+                      train(CROSS_NO_CONVERTER, epochs, inherit_vpg, deps=[source.key])]
     if warmup_epochs > 0:
         only_stage1 = [f"run.warmup_epochs={warmup_epochs}"]
         transfers += [
@@ -178,4 +191,9 @@ def seed_plan(seed: int, out_dir: str, zoo_dir: str, stage1_checkpoint: str, epo
                   deps=[source.key, to_large.key]),
             train(WARMUP_RANDOM, warmup_epochs, inherit_vpg + only_stage1, deps=[source.key]),
         ]
+        transfers += [train(warmup_lr_run(scale), warmup_epochs,
+                            inherit_vpg + only_stage1 + [f"run.warmup_lr_scale={scale}",
+                                                         f"model.projector_checkpoint={to_large.product}"],
+                            deps=[source.key, to_large.key])
+                      for scale in WARMUP_LR_SCALES if scale != WARMUP_DEFAULT_SCALE]
     return SeedPlan(seed=seed, root=root, jobs={job.key: job for job in first + converters + transfers})

@@ -108,7 +108,7 @@ PROFILES = {
         opt_sizes={"opt-small": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
                    "opt-large": OPT_SIZES["opt-large"]},
         lm_doc_questions=1, lm_steps=1250, lm_lr=2e-3, lm_warmup_steps=50,
-        pretrain_vit=True, qformer_init_range=0.08, n_val=128,
+        pretrain_vit=True, qformer_init_range=0.08, n_val=1024,
         n_source=2048, related_opt_init=True, related_llama_init=True),
 }
 DEFAULT_PROFILE = "test"

@@ -300,3 +300,26 @@ def test_further_goals_on_the_mean_and_on_every_seed():
         "Goal (converter init ahead of random init after warm-up epoch 1, caption CIDEr difference > 0): met on the "
         "mean, NOT on every seed (worst: seed 1, -0.100)")
     assert goal_text(mixed["cross_family"]).endswith("per seed: 0: 1.8, 1: 0.0")
+
+
+def test_eval_questions_per_image_asks_each_type_equally_and_keeps_the_scenes(tmp_path):
+    """The demo world asks one question per validation scene, the four types taking turns; the
+    scenes, captions and training questions are those of the full world."""
+    import collections
+
+    from lavis_vpgtrans.toy import world
+
+    full, one = tmp_path / "full", tmp_path / "one"
+    world.write_dataset(str(full), n_val=40, seed=1)
+    world.write_dataset(str(one), n_val=40, seed=1, eval_questions_per_image=1)
+    for name in ("caption_val.json", "caption_train.json", "vqa_train.json"):
+        assert (full / "annotations" / name).read_text() == (one / "annotations" / name).read_text(), name
+    asked = json.loads((one / "annotations" / "vqa_val_annotations.json").read_text())["annotations"]
+    every = json.loads((full / "annotations" / "vqa_val_annotations.json").read_text())["annotations"]
+    assert len(asked) == 40 and len(every) == 160
+    assert collections.Counter(a["answer_type"] for a in asked) == {"other": 20, "number": 10, "yes/no": 10}
+    # each kept question is one of its image's four, with its answer
+    by_image = collections.defaultdict(set)
+    for a in every:
+        by_image[a["image_id"]].add(a["multiple_choice_answer"])
+    assert all(a["multiple_choice_answer"] in by_image[a["image_id"]] for a in asked)

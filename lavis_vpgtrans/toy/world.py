@@ -18,7 +18,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -148,10 +148,13 @@ def corpus_sentences(n: int, seed: int = 0) -> List[str]:
 
 
 def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int = 32,
-                  seed: int = 0, n_source: int = 0) -> Dict[str, str]:
+                  seed: int = 0, n_source: int = 0, eval_questions_per_image: Optional[int] = None) -> Dict[str, str]:
     """Writes images and annotation files; returns a name -> relative path map. `n_source` > 0
     adds a "source" split in the train layout, of other images: the larger pre-training set of
-    the demo's source model (the paper's source VPG saw several times the transfer's data)."""
+    the demo's source model (the paper's source VPG saw several times the transfer's data).
+    `eval_questions_per_image` (default: all four) keeps that many of an eval image's questions,
+    the question types taking turns from image to image so that each is asked equally often
+    (the scenes and the other files stay the same)."""
     rng = random.Random(seed)
     img_dir = os.path.join(out_dir, "images")
     ann_dir = os.path.join(out_dir, "annotations")
@@ -179,7 +182,10 @@ def write_dataset(out_dir: str, n_train: int = 256, n_val: int = 32, n_test: int
                 gt_images.append({"id": image_id, "file_name": fname})
                 gt_anns.extend({"image_id": image_id, "id": len(gt_anns) + i + 1, "caption": c}
                                for i, c in enumerate(refs))
-            for q in questions(scene, rng):
+            asked = questions(scene, rng)
+            if eval_questions_per_image is not None and split not in TRAIN_LAYOUT:
+                asked = [asked[(image_id + i) % len(asked)] for i in range(eval_questions_per_image)]
+            for q in asked:
                 question_id += 1
                 entry = {"question_id": question_id, "question": q["question"], "image": fname}
                 if split in TRAIN_LAYOUT:

@@ -85,6 +85,9 @@ class ZooProfile:
     # of image signal to its queries, too little to learn from in a short run
     qformer_init_range: float = 0.02
     n_val: int = 32
+    # questions per val / test image (None: all four); the demo's 1,024 validation scenes ask one
+    # each, the types taking turns, to keep its per-epoch VQA evaluation affordable
+    eval_questions_per_image: Optional[int] = None
     vit_steps: int = 150  # with pretrain_vit
     lm_documents: int = 6000  # with lm_doc_questions
     n_source: int = 64  # images of the data set's "source" split (world.write_dataset)
@@ -108,7 +111,7 @@ PROFILES = {
         opt_sizes={"opt-small": dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4),
                    "opt-large": OPT_SIZES["opt-large"]},
         lm_doc_questions=1, lm_steps=1250, lm_lr=2e-3, lm_warmup_steps=50,
-        pretrain_vit=True, qformer_init_range=0.08, n_val=1024,
+        pretrain_vit=True, qformer_init_range=0.08, n_val=1024, eval_questions_per_image=1,
         n_source=2048, related_opt_init=True, related_llama_init=True),
 }
 DEFAULT_PROFILE = "test"
@@ -498,7 +501,8 @@ def _build_zoo(out: str, seed: int, prof: ZooProfile, progress) -> None:
     os.makedirs(out, exist_ok=True)
     report("data", 0, 1)
     data_dir = os.path.join(out, "data")
-    world.write_dataset(data_dir, n_val=prof.n_val, seed=seed, n_source=prof.n_source)
+    world.write_dataset(data_dir, n_val=prof.n_val, seed=seed, n_source=prof.n_source,
+                        eval_questions_per_image=prof.eval_questions_per_image)
     toy_benchmarks.write_benchmarks(os.path.join(out, "benchmarks"), seed=seed)
     shards.write_caption_shards(os.path.join(out, "laion_coco"), seed=seed + 2)
     instruct.write_instruct_set(os.path.join(out, "instruct"), seed=seed + 7)

@@ -99,3 +99,31 @@ def test_session_zoo_was_built_pinned(toy_zoo):
     assert not kernels.is_pinned()
     with open(os.path.join(toy_zoo, zoo.KERNELS_NAME)) as f:
         assert f.read().startswith("CPU kernels pinned: torch AVX2")
+
+
+def test_pinned_demo_run_same_under_two_kernel_selections(toy_zoo, tmp_path):
+    """A demo run (train.py on the demo's TFS config, one epoch, validation with generation and
+    CIDEr / VQA scoring) under the two kernel selections: the same weights, captions and scores."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    base = dict(os.environ, VPGTRANS_TOY_ZOO=toy_zoo)
+    procs = {}
+    for name, machine in (("native", base), ("avx2", dict(base, **AVX2_MACHINE))):
+        argv = [sys.executable, "train.py", "--cfg-path", "projects/vpgtrans/demo/experiment/tfs.yaml", "--options",
+                f"run.output_dir={tmp_path / name}", "run.job_id=run", "run.max_epoch=1"]
+        procs[name] = subprocess.Popen(argv, cwd=repo, env=kernels.pinned_env(machine), text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for name, proc in procs.items():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"{name}:\n{output[-3000:]}"
+
+    def outcome(name):
+        run = tmp_path / name / "run"
+        state = torch.load(run / "checkpoint_0.pth", map_location="cpu", weights_only=True)["model"]
+        with open(run / "metrics.jsonl") as f:
+            metrics = [json.loads(line)["metrics"] for line in f]
+        return state, (run / "result" / "val_epoch0.json").read_text(), metrics
+
+    (a, captions_a, metrics_a), (b, captions_b, metrics_b) = outcome("native"), outcome("avx2")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert captions_a == captions_b and metrics_a == metrics_b
+    assert {"CIDEr", "acc"} <= {key for m in metrics_a for key in m}

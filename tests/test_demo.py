@@ -39,6 +39,7 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
     for line in ("Table 3 in miniature", "Table 2 in miniature", "Word-embedding converter", "Goal (VPGTrans",
                  "Total wall time", "[seed3] VPGTrans:", "[seed3] converter opt-small -> LLaMA",
                  "Attribute F1", "The warm-up's learning rate", "Converter's share across families",
+                 "Validation noise",
                  "CPU kernels pinned"):
         assert line in stdout, line
 
@@ -87,6 +88,13 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
     attrs = seed["attributes"]["vpgtrans"]
     assert attrs["n_images"] == seed["n_val"] and set(attrs["f1"]) >= {"shape", "color", "cell", "object"}
     assert set(seed["attributes"]) >= {"tfs", "vpgtrans", "cross_vpgtrans", "cross_vpgtrans_no_converter", "source"}
+    # one seed's validation noise on the claimed differences; the warm-up's is the epoch-1 gap of the table
+    intervals = seed["image_intervals"]
+    assert len(intervals) == 4 and all(v["n_images"] == seed["n_val"] for v in intervals.values())
+    gap = intervals["warm-up epoch 1: converter init - random init"]
+    assert gap["diff"] == pytest.approx(seed["warmup"]["converter init"]["1"] - seed["warmup"]["random init"]["1"],
+                                        abs=1e-6)
+    assert gap["ci95"][0] <= gap["diff"] <= gap["ci95"][1]
     assert seed["warmup"]["converter init"] == {"1": warmup[0][2], "2": warmup[1][2]}
     # converter quality, read from the converter's own output
     assert set(seed["converters"]) == {"opt-large", "llama"}
@@ -368,3 +376,29 @@ def test_eval_questions_per_image_asks_each_type_equally_and_keeps_the_scenes(tm
     for a in every:
         by_image[a["image_id"]].add(a["multiple_choice_answer"])
     assert all(a["multiple_choice_answer"] in by_image[a["image_id"]] for a in asked)
+
+
+def test_per_image_cider_averages_to_the_corpus_score(tmp_path):
+    """The demo's per-image CIDEr (for paired intervals) averages to the corpus CIDEr that the
+    caption task reports through pycocoevalcap; a paired interval of a run against itself is 0."""
+    import random
+
+    from lavis_vpgtrans.demo.stats import paired_image_interval, per_image_cider
+    from lavis_vpgtrans.tasks.captioning import load_caption_results, load_coco_gt, score_captions
+    from lavis_vpgtrans.toy import world
+
+    world.write_dataset(str(tmp_path), n_train=4, n_val=60, n_test=2, seed=2)
+    gt = str(tmp_path / "annotations" / "caption_val_gt.json")
+    refs, _ = load_coco_gt(gt)
+    rng = random.Random(0)
+    # a "model" that sometimes names the right scene, sometimes another one's
+    pool = [caps[0] for caps in refs.values()]
+    preds = [{"image_id": i, "caption": caps[1] if rng.random() < 0.5 else rng.choice(pool)} for i, caps in refs.items()]
+    result = tmp_path / "val_epoch0.json"
+    result.write_text(json.dumps(preds))
+    per_image = per_image_cider(str(result), gt)
+    corpus = score_captions(refs, load_caption_results(str(result)), metrics_to_run=["CIDEr"])["CIDEr"]
+    assert sorted(per_image) == sorted(refs)
+    assert sum(per_image.values()) / len(per_image) == pytest.approx(corpus, rel=1e-9)
+    same = paired_image_interval(str(result), str(result), gt)
+    assert same["n_images"] == 60 and same["diff"] == 0 and same["half_width"] == 0

@@ -15,7 +15,7 @@ from lavis_vpgtrans.analysis.speedup import Run as SpeedupRun
 from lavis_vpgtrans.common import kernels
 from lavis_vpgtrans.demo import plan as P
 from lavis_vpgtrans.demo.jobs import JobFailed, run_jobs
-from lavis_vpgtrans.demo.stats import fmt_spread, projector_movement, run_scores, spread
+from lavis_vpgtrans.demo.stats import fmt_spread, paired_image_interval, projector_movement, run_scores, spread
 
 # Table 2 of the paper compares projector-only warm-up epochs with and without the converter
 # initialisation; these runs are that ablation (warmup.yaml: every epoch is stage 1).
@@ -210,10 +210,10 @@ def load_runs(seed_plan: P.SeedPlan) -> Dict[str, SpeedupRun]:
             for job in seed_plan.jobs.values() if job.run is not None and job.validates}
 
 
-def last_captions(job: P.Job) -> str:
-    """The captions a run generated for the val split at its last epoch (the caption task's
-    result file, <job dir>/result/val_epoch<N>.json)."""
-    path = os.path.join(job.job_dir, "result", f"val_epoch{job.epochs - 1}.json")
+def last_captions(job: P.Job, epoch: Optional[int] = None) -> str:
+    """The captions a run generated for the val split at its last epoch (or at `epoch`, 0-based:
+    the caption task's result file, <job dir>/result/val_epoch<N>.json)."""
+    path = os.path.join(job.job_dir, "result", f"val_epoch{job.epochs - 1 if epoch is None else epoch}.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{job.key}: no captions of its last epoch at {path}")
     return path
@@ -267,7 +267,22 @@ def analyse_seed(seed_plan: P.SeedPlan, runs: Mapping[str, SpeedupRun], cross_fa
     result["attributes"] = {job.run.name: attribute_scores(last_captions(job), captions_gt(zoo_dir))
                             for job in seed_plan.jobs.values()
                             if job.run is not None and job.validates and job.run.name in ATTRIBUTE_RUNS}
+    # this seed's validation noise on the differences the demo claims: per-image paired intervals
+    jobs = {job.run.name: job for job in seed_plan.jobs.values() if job.run is not None}
+    result["image_intervals"] = {
+        label: paired_image_interval(last_captions(jobs[a], epoch), last_captions(jobs[b], epoch), captions_gt(zoo_dir))
+        for label, a, b, epoch in IMAGE_INTERVALS if a in jobs and b in jobs}
     return result
+
+
+# (label, run a, run b, 0-based epoch or None for the last): the differences whose per-image
+# validation noise the demo reports
+IMAGE_INTERVALS = [
+    ("warm-up epoch 1: converter init - random init", P.WARMUP_CONVERTER.name, P.WARMUP_RANDOM.name, 0),
+    ("last epoch: VPGTrans - w/o converter init", P.VPGTRANS.name, P.NO_CONVERTER.name, None),
+    ("last epoch: VPGTrans - TFS", P.VPGTRANS.name, P.TFS.name, None),
+    ("last epoch: cross-family VPGTrans - w/o converter init", P.CROSS_VPGTRANS.name, P.CROSS_NO_CONVERTER.name, None),
+]
 
 
 # the runs whose captions are checked for what they say about the image (the transfers, their
@@ -392,6 +407,17 @@ def summary_markdown(results: Mapping[int, dict], cross_family: bool, epochs: in
                     for k in ATTRIBUTE_KINDS]
             cols.append(f"{fmt_spread(attr('count_acc'), '.1f').split(' [')[0]} ({attr('shuffled_count_acc')['mean']:.1f})")
             out.append(f"| {LABELS.get(name, name)} | " + " | ".join(cols) + " |")
+    if all("image_intervals" in results[s] for s in seeds):
+        out += ["", "### Validation noise: one seed's paired differences on the validation images", "",
+                "Caption CIDEr of a minus b on the same images, with the 95% interval that the images alone give "
+                "(± 1.96 standard errors of the per-image differences), averaged over the seeds; the spread of the "
+                "difference between seeds (training noise included) is in the other tables.", "",
+                "| difference | mean over seeds | one seed's interval half-width, mean [min, max] |", "|---|---|---|"]
+        labels = list(dict.fromkeys(k for s in seeds for k in results[s]["image_intervals"]))
+        for label in labels:
+            diff = over_seeds(results, lambda r: (r["image_intervals"].get(label) or {}).get("diff"))
+            half = over_seeds(results, lambda r: (r["image_intervals"].get(label) or {}).get("half_width"))
+            out.append(f"| {label} | {fmt_spread(diff, '+.3f')} | {half['mean']:.3f} [{half['min']:.3f}, {half['max']:.3f}] |")
     out += ["", "### Word-embedding converter (held-out shared tokens)", "",
             "All held-out pairs, and those of them whose two tokens occur in the LMs' pre-training text "
             "(the others are never trained: they keep their initial embeddings, which in this world a "

@@ -68,3 +68,55 @@ def projector_movement(init_path: str, trained_path: str) -> dict:
     w = torch.cat([trained[k].flatten() for k in sorted(init)])
     return {"relative_change": float((w - w0).norm() / w0.norm()),
             "cosine": float(torch.nn.functional.cosine_similarity(w, w0, dim=0))}
+
+
+def per_image_cider(result_file: str, gt_file: str) -> Dict[int, float]:
+    """Each image's CIDEr (pycocoevalcap's CIDEr-D, document frequencies from all the images'
+    references, as the corpus score takes them): the corpus score is their mean."""
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    from lavis_vpgtrans.tasks.captioning import load_caption_results, load_coco_gt
+
+    refs, _ = load_coco_gt(gt_file)
+    preds = load_caption_results(result_file)
+    missing = sorted(set(refs) - set(preds))
+    if missing:
+        raise ValueError(f"{result_file}: no caption for {len(missing)} ground-truth images of {gt_file} "
+                         f"(e.g. {missing[:5]})")
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in refs[i]] for i in sorted(refs)})
+    res = tokenizer.tokenize({i: [{"caption": preds[i]}] for i in sorted(refs)})
+    _, scores = Cider().compute_score(gts, res)
+    return {i: float(s) for i, s in zip(gts, scores)}  # compute_score scores in the order of gts
+
+
+def paired_image_interval(result_a: str, result_b: str, gt_file: str) -> dict:
+    """CIDEr of captions a minus captions b on the same validation images, with the 95% interval
+    of that difference from the images alone (one seed's validation noise: mean ± 1.96 standard
+    errors of the per-image differences)."""
+    a, b = per_image_cider(result_a, gt_file), per_image_cider(result_b, gt_file)
+    diffs = [a[i] - b[i] for i in a]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n)
+    return {"n_images": n, "diff": mean, "ci95": [mean - 1.96 * se, mean + 1.96 * se], "half_width": 1.96 * se}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m lavis_vpgtrans.demo.stats RESULT_A RESULT_B GT: the paired per-image interval."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lavis_vpgtrans.demo.stats", description=paired_image_interval.__doc__)
+    parser.add_argument("result_a", help="captions a: [{image_id, caption}] (a run's result/val_epoch<N>.json)")
+    parser.add_argument("result_b", help="captions b, of the same images")
+    parser.add_argument("gt", help="COCO-format ground truth (the zoo's data/annotations/caption_val_gt.json)")
+    args = parser.parse_args(argv)
+    out = paired_image_interval(args.result_a, args.result_b, args.gt)
+    print(f"CIDEr a - b over {out['n_images']} images: {out['diff']:+.3f}, 95% interval "
+          f"[{out['ci95'][0]:+.3f}, {out['ci95'][1]:+.3f}] (± {out['half_width']:.3f})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

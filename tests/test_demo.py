@@ -4,6 +4,7 @@ and the speed-up analysis."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -110,6 +111,15 @@ def test_reduced_demo_end_to_end(toy_zoo, tmp_path):
         assert image.width > 400 and image.height > 200
     assert (root / "analysis" / "opt-large" / "convergence.png").is_file()
     assert "Table 5" in (out / "results.md").read_text()
+    # the tables made again from the finished runs, without training: the same figures
+    again = run_demo("--out", str(out), "--zoo", toy_zoo, "--profile", zoo_profile(toy_zoo), "--seeds", "3",
+                     "--epochs", "2", "--source-epochs", "1", "--stage1-epochs", "1", "--warmup-epochs", "2",
+                     "--analyse-only")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert re.search(r"training \d+ jobs", again.stdout) is None and "--analyse-only" in again.stdout
+    redone = json.loads((out / "results.json").read_text())
+    assert redone["seeds"] == results["seeds"] and redone["goal"] == results["goal"]
+    assert redone["timings_s"]["total"] == results["timings_s"]["total"]
     # a second run into the same directory is refused, the first one's results stay
     from lavis_vpgtrans.demo.cli import main
 

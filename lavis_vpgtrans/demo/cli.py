@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="demo", help="toy zoo profile (default: demo; 'test' is the test suite's "
                                                     "quick zoo, on which nothing is learnt well)")
     p.add_argument("--jobs", type=int, default=2, help="training processes at once (default: 2)")
+    p.add_argument("--analyse-only", action="store_true",
+                   help="no training: the tables of the finished runs in --out (same options as the run), e.g. "
+                        "after an update of the analysis")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default: 1; the results are the same on every machine for the same count)")
     return p
 
@@ -565,7 +568,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = os.path.abspath(args.out or os.path.join("output", "demo", time.strftime("%Y%m%d_%H%M%S")))
     earlier = [path for path in [os.path.join(out, f"seed{seed}") for seed in args.seeds]
                + [os.path.join(out, P.SOURCE.name)] if os.path.isdir(path)]
-    if earlier and not args.overwrite:
+    if args.analyse_only and not args.out:
+        raise SystemExit("error: --analyse-only needs --out: the directory of the finished runs")
+    if earlier and not args.overwrite and not args.analyse_only:
         raise SystemExit(f"error: --out {out} holds an earlier run ({', '.join(earlier)}): choose another "
                          f"directory, or pass --overwrite to replace it")
     os.makedirs(out, exist_ok=True)
@@ -580,26 +585,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
                              threads=args.threads)
     timings = {}
-    t = time.time()
-    build_world(zoo_dir, args.profile)
-    timings["world"] = time.time() - t
-    t = time.time()
-    stage1 = ensure_stage1(zoo_dir, args.stage1_epochs, env)
-    timings["qformer_stage1"] = time.time() - t
+    if args.analyse_only:  # the runs' own record: no world build, no training
+        stage1 = P.stage1_job(os.path.join(zoo_dir, "demo"), args.stage1_epochs).product
+    else:
+        t = time.time()
+        build_world(zoo_dir, args.profile)
+        timings["world"] = time.time() - t
+        t = time.time()
+        stage1 = ensure_stage1(zoo_dir, args.stage1_epochs, env)
+        timings["qformer_stage1"] = time.time() - t
 
     source = P.source_job(out, stage1, args.source_epochs)
     plans = {seed: P.seed_plan(seed, out, zoo_dir, stage1, args.epochs, source, cross_family,
                                warmup_epochs=args.warmup_epochs) for seed in args.seeds}
-    for path in [p.root for p in plans.values()] + [source.out_dir]:
-        shutil.rmtree(path, ignore_errors=True)  # --overwrite: the rerun starts clean
-    # all seeds in one queue, the shared source first: the transfers wait only for it
-    jobs = sorted({job.key: job for p in plans.values() for job in p.jobs.values()}.values(),
-                  key=lambda job: (job.run is not P.SOURCE, job.key))
-    t = time.time()
-    walls = run_with_bar(jobs, env, args.jobs, f"training {len(jobs)} jobs",
-                         on_done=lambda job, wall: say(job_summary(job, wall)))
-    timings["jobs"] = time.time() - t
-    timings["job_walls"] = walls
+    if not args.analyse_only:
+        for path in [p.root for p in plans.values()] + [source.out_dir]:
+            shutil.rmtree(path, ignore_errors=True)  # --overwrite: the rerun starts clean
+        # all seeds in one queue, the shared source first: the transfers wait only for it
+        jobs = sorted({job.key: job for p in plans.values() for job in p.jobs.values()}.values(),
+                      key=lambda job: (job.run is not P.SOURCE, job.key))
+        t = time.time()
+        walls = run_with_bar(jobs, env, args.jobs, f"training {len(jobs)} jobs",
+                             on_done=lambda job, wall: say(job_summary(job, wall)))
+        timings["jobs"] = time.time() - t
+        timings["job_walls"] = walls
 
     runs_by_seed = {seed: load_runs(seed_plan) for seed, seed_plan in plans.items()}
     results = {seed: analyse_seed(plans[seed], runs, cross_family, zoo_dir) for seed, runs in runs_by_seed.items()}
@@ -612,8 +621,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     goal_line = "\n\n".join([goal_text(outcome)] + [goal_text(g) for g in further.values()] + effects(results))
     plot_path = os.path.join(out, "convergence.png")
     plot(runs_by_seed, cross_family, plot_path)
-    timings["total"] = time.time() - start
-    total = f"Total wall time: {timings['total'] / 60:.1f} min ({timings['total']:.0f} s)"
+    if args.analyse_only:  # the wall time is the runs', as their results.json recorded it
+        earlier_json = os.path.join(out, "results.json")
+        if os.path.isfile(earlier_json):
+            with open(earlier_json) as f:
+                timings = json.load(f).get("timings_s", {})
+        timings["analysed_again_s"] = time.time() - start
+    else:
+        timings["total"] = time.time() - start
+    total = ("Total wall time: n/a" if "total" not in timings else
+             f"Total wall time: {timings['total'] / 60:.1f} min ({timings['total']:.0f} s)")
+    if args.analyse_only:
+        total += f"; tables made again from the finished runs (--analyse-only) in {timings['analysed_again_s']:.0f} s"
 
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(markdown + "\n" + goal_line + "\n\n" + total + "\n\n")

@@ -75,11 +75,12 @@ class Job:
 
 
 def train_job(key: str, run: Run, out_dir: str, seed: int, epochs: int, options: Sequence[str] = (),
-              deps: Sequence[str] = (), validates: bool = True) -> Job:
-    """`python train.py --cfg-path <run's config> --options ...` writing into out_dir/run/."""
+              deps: Sequence[str] = (), validates: bool = True, config_dir: str = CONFIG_DIR) -> Job:
+    """`python train.py --cfg-path <run's config> --options ...` writing into out_dir/run/
+    (the config is `run.config` in `config_dir`: the P-Former demo has its own)."""
     if not os.path.isfile(TRAIN_PY):
         raise FileNotFoundError(f"the demo runs {TRAIN_PY}, which is missing: run it from a checkout of the repository")
-    argv = [sys.executable, TRAIN_PY, "--cfg-path", os.path.join(CONFIG_DIR, run.config), "--options",
+    argv = [sys.executable, TRAIN_PY, "--cfg-path", os.path.join(config_dir, run.config), "--options",
             f"run.output_dir={out_dir}", f"run.job_id={JOB_ID}", f"run.seed={seed}", f"run.max_epoch={epochs}",
             *options]
     product = os.path.join(out_dir, JOB_ID, "checkpoint_best.pth" if validates else f"checkpoint_{epochs - 1}.pth")

@@ -48,6 +48,7 @@ class Blip2QformerPFormer(Blip2PluginBase):
         "flant5xl": "models/configs/pformer/stage1_flant5xl.yaml",
         "tiny_opt_small": "models/configs/pformer/stage1_tiny_opt_small.yaml",
         "tiny_t5": "models/configs/pformer/stage1_tiny_t5.yaml",
+        "tiny_llama": "models/configs/pformer/stage1_tiny_llama.yaml",
     }
 
     def __init__(

@@ -20,6 +20,7 @@ from lavis.common.registry import registry
 from lavis.tasks.base_task import BaseTask
 
 from lavis_vpgtrans.common.dist import collective_device
+from lavis_vpgtrans.tasks.captioning import VPGTransCaptionTask
 
 
 class LossLoggingMixin:
@@ -82,3 +83,17 @@ class PFormerPretrainTask(LossLoggingMixin, BaseTask):
         metrics["agg_metrics"] = metrics["token_acc"]
         logging.info("%s (epoch %s): %s", split_name, epoch, metrics)
         return metrics
+
+
+@registry.register_task("pformer_captioning")
+class PFormerCaptionTask(LossLoggingMixin, VPGTransCaptionTask):
+    """Stage 2 of the P-Former demo: `vpgtrans_captioning` (caption evaluation every epoch),
+    logging loss_lm and loss_align on their own as well, so that the alignment's scale against
+    the LM loss can be read from log.txt (train_loss_lm, train_loss_align)."""
+
+    @classmethod
+    def setup_task(cls, **kwargs):
+        cfg = kwargs["cfg"]
+        task = super(LossLoggingMixin, cls).setup_task(cfg=cfg)  # the caption task's settings
+        task.log_freq = max(1, int(cfg.run_cfg.get("log_freq", cls.log_freq)))
+        return task

@@ -1,5 +1,5 @@
 """Attribute F1 of generated captions against a shuffled-caption baseline
-(lavis_vpgtrans/analysis/attributes.py), on ground truth written by the toy world's own writer."""
+(lavis_vpgtrans/demo/attributes.py), on ground truth written by the toy world's own writer."""
 
 import json
 import os
@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from lavis_vpgtrans.analysis import attributes
-from lavis_vpgtrans.analysis.attributes import KINDS, attribute_scores, extract_mentions, parse_canonical
+from lavis_vpgtrans.demo import attributes
+from lavis_vpgtrans.demo.attributes import KINDS, attribute_scores, extract_mentions, parse_canonical
 from lavis_vpgtrans.toy import world
 
 # world.captions' five styles, by index: which kinds each states, and whether it states positions
@@ -278,7 +278,7 @@ def test_cli(toy_val, tmp_path, capsys):
 def test_cli_as_module(toy_val, tmp_path):
     gt_file, refs = toy_val
     result = write_results(tmp_path / "val_epoch0.json", [(i, r[CANONICAL]) for i, r in refs])
-    proc = subprocess.run([sys.executable, "-m", "lavis_vpgtrans.analysis.attributes", result, gt_file],
+    proc = subprocess.run([sys.executable, "-m", "lavis_vpgtrans.demo.attributes", result, gt_file],
                           capture_output=True, text=True, cwd=os.getcwd(), timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "shuffled F1" in proc.stdout and "count acc" in proc.stdout

@@ -104,7 +104,7 @@ def test_pformer_prompts_carry_their_sentences_content_words(tmp_path, monkeypat
       teacher-forced content-word accuracy 0.862 own vs 0.467 another sentence's
       (all tokens 0.909 vs 0.700); greedy content-word accuracy 0.854 vs 0.367.
     """
-    from lavis_vpgtrans.analysis.prompt_reconstruction import PromptedLM, reconstruction
+    from lavis_vpgtrans.demo.prompt_reconstruction import PromptedLM, reconstruction
     from lavis_vpgtrans.common import kernels
     from lavis_vpgtrans.demo.pformer import held_out_sentences
     from lavis_vpgtrans.models.pformer_encoder import load_frozen_pformer

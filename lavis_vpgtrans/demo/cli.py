@@ -230,7 +230,7 @@ def analyse_seed(seed_plan: P.SeedPlan, runs: Mapping[str, SpeedupRun], cross_fa
     """Table 3 / Table 5 / warm-up tables of one seed (written under <seed dir>/analysis/),
     every run's best / last / mean-over-epochs scores, the attribute F1 of its last captions
     and the warm-up lr runs' projector movement."""
-    from lavis_vpgtrans.analysis.attributes import attribute_scores
+    from lavis_vpgtrans.demo.attributes import attribute_scores
 
     root = seed_plan.root
     opt_tables, opt_md = run_analysis(runs[P.TFS.name], runs[P.VPGTRANS.name], runs[P.INHERIT.name],

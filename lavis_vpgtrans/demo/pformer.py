@@ -180,8 +180,8 @@ def held_out_sentences(zoo_dir: str, n: int = HELD_OUT) -> List[str]:
 
 
 def pformer_reconstruction(checkpoint: str, zoo_dir: str) -> dict:
-    """analysis.prompt_reconstruction of a stage-0 checkpoint on the held-out sentences."""
-    from lavis_vpgtrans.analysis.prompt_reconstruction import PromptedLM, reconstruction
+    """demo.prompt_reconstruction of a stage-0 checkpoint on the held-out sentences."""
+    from lavis_vpgtrans.demo.prompt_reconstruction import PromptedLM, reconstruction
     from lavis_vpgtrans.models.pformer_encoder import load_frozen_pformer, pformer_config
 
     cfg = pformer_config(PFORMER_TYPE)

@@ -1,7 +1,7 @@
 """Are a model's captions grounded in the image? Attribute F1 of the generated captions of the
 toy world against a shuffled-caption baseline.
 
-    python -m lavis_vpgtrans.analysis.attributes RESULT_JSON GT_JSON [--shuffles 5] [--seed 0]
+    python -m lavis_vpgtrans.demo.attributes RESULT_JSON GT_JSON [--shuffles 5] [--seed 0]
 
 RESULT_JSON is a caption result file as LAVIS writes it (<run dir>/result/val_epoch{N}.json:
 [{"caption", "image_id"}]); GT_JSON the COCO-format ground truth that toy.world.write_dataset

@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from lavis_vpgtrans.analysis.speedup import LogError, load_run, plot_panel, run_analysis
 from lavis_vpgtrans.analysis.speedup import Run as SpeedupRun
@@ -557,33 +557,45 @@ def plot(runs_by_seed: Mapping[int, Mapping[str, SpeedupRun]], cross_family: boo
 
 # --------------------------------------------------------------------------- main
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_args(args)
-    start = time.time()
+def output_and_zoo(args, name: str, shared: str, reuse: bool = False) -> Tuple[str, str]:
+    """A demo's output directory (--out, default output/<name>/<date>_<time>; one holding an
+    earlier run's seed directories or its `shared` directory is refused unless --overwrite or
+    `reuse`) and its world (--zoo, default the cache's zoo of --profile)."""
     from lavis_vpgtrans.toy.zoo import PROFILES, default_zoo_dir
 
     if args.profile not in PROFILES:
         raise SystemExit(f"error: --profile {args.profile!r}: known profiles are {sorted(PROFILES)}")
-    out = os.path.abspath(args.out or os.path.join("output", "demo", time.strftime("%Y%m%d_%H%M%S")))
+    out = os.path.abspath(args.out or os.path.join("output", name, time.strftime("%Y%m%d_%H%M%S")))
     earlier = [path for path in [os.path.join(out, f"seed{seed}") for seed in args.seeds]
-               + [os.path.join(out, P.SOURCE.name)] if os.path.isdir(path)]
-    if args.analyse_only and not args.out:
-        raise SystemExit("error: --analyse-only needs --out: the directory of the finished runs")
-    if earlier and not args.overwrite and not args.analyse_only:
+               + [os.path.join(out, shared)] if os.path.isdir(path)]
+    if earlier and not args.overwrite and not reuse:
         raise SystemExit(f"error: --out {out} holds an earlier run ({', '.join(earlier)}): choose another "
                          f"directory, or pass --overwrite to replace it")
     os.makedirs(out, exist_ok=True)
-    zoo_dir = os.path.abspath(args.zoo or default_zoo_dir(args.profile))
+    return out, os.path.abspath(args.zoo or default_zoo_dir(args.profile))
+
+
+def job_env(zoo_dir: str, threads: int) -> Dict[str, str]:
+    """The environment of a demo's jobs: this zoo behind `toy:` paths, offline, pinned CPU
+    kernels (the same results on any x86-64 machine with AVX2) with `threads` threads."""
+    return kernels.pinned_env(dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1",
+                                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"), threads=threads)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    start = time.time()
+    if args.analyse_only and not args.out:
+        raise SystemExit("error: --analyse-only needs --out: the directory of the finished runs")
+    out, zoo_dir = output_and_zoo(args, "demo", P.SOURCE.name, reuse=args.analyse_only)
     cross_family = not args.no_cross_family
     say(f"VPGTrans demo: seeds {args.seeds}, {args.epochs} epochs per transfer, output in {out}")
 
     say(f"[world] {kernels.describe()}")
     # every job sees this zoo through `toy:` paths; `--jobs` of them at once, each with pinned CPU
     # kernels (the same results on any x86-64 machine with AVX2) and `--threads` threads
-    env = kernels.pinned_env(dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1",
-                                  TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false"),
-                             threads=args.threads)
+    env = job_env(zoo_dir, args.threads)
     timings = {}
     if args.analyse_only:  # the runs' own record: no world build, no training
         stage1 = P.stage1_job(os.path.join(zoo_dir, "demo"), args.stage1_epochs).product

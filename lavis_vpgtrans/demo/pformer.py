@@ -31,7 +31,8 @@ from typing import Dict, List, Mapping, Optional, Sequence
 from lavis_vpgtrans.analysis.speedup import LogError, load_run, plot_panel
 from lavis_vpgtrans.common import kernels
 from lavis_vpgtrans.demo import plan as P
-from lavis_vpgtrans.demo.cli import build_world, goal_text, judged, run_with_bar, say, zoo_stamp
+from lavis_vpgtrans.demo.cli import (build_world, goal_text, job_env, judged, output_and_zoo, run_with_bar, say,
+                                     zoo_stamp)
 from lavis_vpgtrans.demo.jobs import JobFailed
 from lavis_vpgtrans.demo.stats import fmt_spread, run_scores, spread
 
@@ -350,24 +351,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     start = time.time()
-    from lavis_vpgtrans.toy.zoo import PROFILES, default_zoo_dir
-
-    if args.profile not in PROFILES:
-        raise SystemExit(f"error: --profile {args.profile!r}: known profiles are {sorted(PROFILES)}")
-    out = os.path.abspath(args.out or os.path.join("output", "pformer_demo", time.strftime("%Y%m%d_%H%M%S")))
-    earlier = [p for p in [os.path.join(out, f"seed{s}") for s in args.seeds] + [os.path.join(out, "shared")]
-               if os.path.isdir(p)]
-    if earlier and not args.overwrite:
-        raise SystemExit(f"error: --out {out} holds an earlier run ({', '.join(earlier)}): choose another "
-                         f"directory, or pass --overwrite to replace it")
-    os.makedirs(out, exist_ok=True)
-    zoo_dir = os.path.abspath(args.zoo or default_zoo_dir(args.profile))
+    out, zoo_dir = output_and_zoo(args, "pformer_demo", "shared")
     say(f"P-Former demo: seeds {args.seeds}, stage 2 {args.epochs} epochs, scarce budget {args.scarce_images} "
         f"images, output in {out}")
     say(f"[world] {kernels.describe()}")
-    base_env = dict(os.environ, VPGTRANS_TOY_ZOO=zoo_dir, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-                    TOKENIZERS_PARALLELISM="false")
-    env = kernels.pinned_env(base_env, threads=args.threads)
+    env = job_env(zoo_dir, args.threads)
     os.environ["VPGTRANS_TOY_ZOO"] = zoo_dir  # this process's own measurements read `toy:` paths too
     timings = {}
     t = time.time()
@@ -376,7 +364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     budgets = budget_files(zoo_dir, out, args.scarce_images)
     jobs = make_plan(out, args.seeds, budgets, args)
-    for path in earlier:
+    for path in [os.path.join(out, f"seed{seed}") for seed in args.seeds] + [os.path.join(out, "shared")]:
         shutil.rmtree(path, ignore_errors=True)  # --overwrite: the rerun starts clean
     t = time.time()
     timings["job_walls"] = run_with_bar(list(jobs.values()), env, args.jobs, f"training {len(jobs)} jobs",

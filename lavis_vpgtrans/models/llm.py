@@ -241,7 +241,7 @@ class FrozenLLM:
         """The frozen LLM on soft prompts + prefix, scored on the target (with its end of text):
           - decoder-only: [prompts] BOS prefix target end_sym (_tokenize_prefix_target);
           - encoder-decoder: encoder [prompts] prefix (+ EOS), decoder target (+ end_sym) + EOS,
-            cut at max_output_txt_len, as LAVIS's blip2_t5.
+            cut at max_output_txt_len (default: max_txt_len, where LAVIS's blip2_t5 cuts them).
         Returns (the HF output: loss, logits; labels aligned with the logits' positions, -100
         where nothing is scored)."""
         device = prompts.device

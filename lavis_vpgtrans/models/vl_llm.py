@@ -28,6 +28,8 @@ from lavis_vpgtrans.models.projector import known_projector_names
 
 logger = logging.getLogger(__name__)
 
+# max_output_txt_len of a decoder-only model when the config has none (VL-Vicuna's answers).
+DEFAULT_MAX_OUTPUT_TXT_LEN = 32
 # Parameters that make up the VPG (everything a VPG checkpoint may carry).
 VPG_PREFIXES = ("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens")
 # Q-Former parts the VPG owns and trains in joint mode (the ViT stays frozen).
@@ -58,7 +60,7 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         prompt: str = "",
         vqa_prompt: str = "Question: {} Answer:",
         max_txt_len: int = 32,
-        max_output_txt_len: int = 32,
+        max_output_txt_len: Optional[int] = None,
         train_vpg: bool = True,
         pformer_model_type: str = None,
         pformer_checkpoint: str = None,
@@ -92,6 +94,10 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         self.prompt = prompt
         self.vqa_prompt = vqa_prompt
         self.max_txt_len = max_txt_len
+        # Flan-T5's decoder targets: LAVIS's blip2_t5 cuts them at max_txt_len, as its inputs, so
+        # that is the default; decoder-only models use it only for VL-Vicuna's conversation answers.
+        if max_output_txt_len is None:
+            max_output_txt_len = max_txt_len if self.is_encoder_decoder else DEFAULT_MAX_OUTPUT_TXT_LEN
         self.max_output_txt_len = max_output_txt_len
         # P-Former alignment (off when align_weight is 0): a frozen encoder whose prefix is
         # not trainable, so set_trainable freezes it and training checkpoints leave it out.

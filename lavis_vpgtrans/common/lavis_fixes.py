@@ -8,8 +8,13 @@ import torch
 import torch.distributed as dist
 from lavis.common import logger as lavis_logger
 from lavis.common.dist_utils import is_dist_avail_and_initialized
+from lavis.tasks.base_task import BaseTask
 
 from lavis_vpgtrans.common.dist import collective_device
+from lavis_vpgtrans.common.train_loop import guarded_inner_loop
+
+# LAVIS's own inner training loop, replaced by apply() (kept for the overhead benchmark)
+LAVIS_TRAIN_INNER_LOOP = BaseTask._train_inner_loop
 
 
 def _synchronize_between_processes(self):
@@ -25,3 +30,8 @@ def _synchronize_between_processes(self):
 
 def apply() -> None:
     lavis_logger.SmoothedValue.synchronize_between_processes = _synchronize_between_processes
+    # BaseTask._train_inner_loop applied every step, NaN or not (the run trained and saved NaN
+    # weights); the guarded loop skips non-finite steps and stops the run after
+    # run.max_nonfinite_steps of them in a row (common/train_loop.py). Every task, LAVIS's own
+    # (image_text_pretrain) included, trains through it.
+    BaseTask._train_inner_loop = guarded_inner_loop

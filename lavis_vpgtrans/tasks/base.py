@@ -3,6 +3,8 @@
 - `build_datasets` keeps each dataset's (resolved) config, so a task can read the ground-truth
   file paths its builder resolved (LAVIS's own tasks download them from hard-coded URLs).
 - `evaluation` moves batches to the model's device instead of always to CUDA.
+- `warn_if_empty`: a validation whose outputs are all empty (every caption, every answer) is
+  logged as a warning naming the epoch, not scored silently as a normal epoch.
 - `save_result` is LAVIS's gather-by-files (one file per rank, merged on rank 0), with a
   linear-time de-duplication: LAVIS's list scan is quadratic, hours on VQAv2 val's 214k
   questions.
@@ -87,6 +89,22 @@ class EvalTaskMixin:
                 json.dump(merged, f)
             logging.info("result file saved to %s (%d results)", final_file, len(merged))
         return final_file
+
+    @staticmethod
+    def warn_if_empty(result_file, field, what, split_name, epoch) -> bool:
+        """Rank 0: warns, naming the epoch, when every output of a validation is empty (e.g. every
+        caption: the model ends its text at once); its scores are then not a normal epoch's.
+        True when it warned."""
+        if not is_main_process():
+            return False
+        with open(result_file) as f:
+            outputs = [str(r.get(field, "")).strip() for r in json.load(f)]
+        if outputs and not any(outputs):
+            logging.warning("epoch %s: the validation on %r produced nothing: all %d %s are empty (the model "
+                            "ends its text at once); its scores are those of empty outputs, not a normal epoch's",
+                            epoch, split_name, len(outputs), what)
+            return True
+        return False
 
     @staticmethod
     def write_eval_log(split_name, metrics):

@@ -242,6 +242,7 @@ class VPGTransCaptionTask(EvalTaskMixin, CaptionTask):
         result_file = self.save_result(result=val_result, result_dir=registry.get_path("result_dir"),
                                        filename="{}_epoch{}".format(split_name, epoch),
                                        remove_duplicate="image_id")
+        self.warn_if_empty(result_file, "caption", "captions", split_name, epoch)
         if not self.report_metric:
             return {"agg_metrics": 0.0}
         return self._report_metrics(eval_result_file=result_file, split_name=split_name)

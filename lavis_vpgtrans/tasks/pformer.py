@@ -41,13 +41,23 @@ class LossLoggingMixin:
         losses = {k: v.item() for k, v in output.items()
                   if k.startswith("loss_") and torch.is_tensor(v) and v.numel() == 1}
         if getattr(self, "_loss_meters", None) is not None:
-            self._loss_meters.update(**losses)
+            self._pending_losses.append(losses)
         if samples.get("iters", 1) % self.log_freq == 0:
             logging.info("iter %s: %s", samples["iters"], "  ".join(f"{k}: {v:.6g}" for k, v in losses.items()))
         return output["loss"]
 
+    def after_train_step(self, applied: bool):
+        """Called by the training loop (common/train_loop.py) after each optimizer step: the loss
+        terms of a skipped (non-finite) step stay out of the epoch's averages, as its loss does."""
+        if getattr(self, "_loss_meters", None) is not None:
+            if applied:
+                for losses in self._pending_losses:
+                    self._loss_meters.update(**losses)
+            self._pending_losses = []
+
     def _train_inner_loop(self, **kwargs):
         self._loss_meters = MetricLogger(delimiter="  ")
+        self._pending_losses = []
         try:
             stats = super()._train_inner_loop(**kwargs)
             self._loss_meters.synchronize_between_processes()

@@ -210,9 +210,12 @@ class VPGTransVQATask(EvalTaskMixin, VQATask):
         answers = self._answers(model, samples)
         return [{"question_id": int(q), "answer": a} for a, q in zip(answers, samples["question_id"])]
 
+    answer_field = "answer"  # in the result records
+
     def after_evaluation(self, val_result, split_name, **kwargs):
         result_file = self.save_result(val_result, result_dir=registry.get_path("result_dir"),
                                        filename=f"{split_name}_vqa_result", remove_duplicate="question_id")
+        self.warn_if_empty(result_file, self.answer_field, "answers", split_name, kwargs.get("epoch", "?"))
         return self._report_metrics(result_file=result_file, split=split_name)
 
     @main_process
@@ -232,6 +235,8 @@ class VPGTransVQATask(EvalTaskMixin, VQATask):
 @registry.register_task("vpgtrans_gqa")
 class VPGTransGQATask(VPGTransVQATask):
     """GQA (test-dev balanced): exact match of the normalised generated answer."""
+
+    answer_field = "pred_ans"
 
     def _check_ground_truth(self, split):
         pass  # the gold answers are in the question file itself

@@ -113,36 +113,52 @@ def _unwrap(model):
     return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
 
 
-def _grads_by_device_and_dtype(optimizer) -> Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]]:
-    groups: Dict[Tuple[torch.device, torch.dtype], List[torch.Tensor]] = defaultdict(list)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.grad is not None:
-                g = _local(p.grad)
-                groups[(g.device, g.dtype)].append(g)
-    return groups
+class GradCheck:
+    """Whether any gradient an optimizer would apply holds NaN or inf, as a 1-element float tensor
+    (> 0: yes) on the device; no host read. GradScaler's fused kernel does the check, one call per
+    (device, dtype) group of parameters (grouped once per optimizer: a stage switch makes a new
+    one); with a GradScaler, its own finding after `scaler.unscale_` (as before gradient clipping)."""
 
+    def __init__(self):
+        self._optimizer = None
+        self._groups: List[Tuple[torch.Tensor, torch.Tensor, List[torch.nn.Parameter]]] = []
+        self._sharded = False
 
-def grads_nonfinite(optimizer, scaler=None, device=None) -> torch.Tensor:
-    """A 0-d float tensor on `device`, > 0 when any gradient the optimizer would apply holds NaN or
-    inf; no host read. With a GradScaler it unscales the gradients (`scaler.unscale_`, as before
-    gradient clipping) and takes the scaler's own finding."""
-    found = []
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-        state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-        found = list(state.get("found_inf_per_device", {}).values())
-    else:
-        for (dev, _), grads in _grads_by_device_and_dtype(optimizer).items():
-            flag = torch.zeros(1, device=dev)
-            # GradScaler's fused check (unscaling by 1: the gradients keep their values)
-            torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, torch.ones(1, device=dev))
-            found.append(flag)
-    if device is None:
-        device = found[0].device if found else torch.device("cpu")
-    if not found:
-        return torch.zeros((), device=device)
-    return torch.stack([f.reshape(()).to(device) for f in found]).sum()
+    def _group(self, optimizer) -> None:
+        by_key: Dict[Tuple[torch.device, torch.dtype], List[torch.nn.Parameter]] = defaultdict(list)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                local = _local(p)
+                by_key[(local.device, local.dtype)].append(p)
+        self._sharded = any(hasattr(p, "to_local") for params in by_key.values() for p in params)
+        self._groups = [(torch.zeros(1, device=dev), torch.ones(1, device=dev), params)
+                        for (dev, _), params in by_key.items()]
+        self._optimizer = optimizer
+
+    def __call__(self, optimizer, scaler=None) -> Optional[torch.Tensor]:
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+            state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+            found = list(state.get("found_inf_per_device", {}).values())
+        else:
+            if optimizer is not self._optimizer:
+                self._group(optimizer)
+            found = []
+            for flag, one, params in self._groups:
+                grads = [p.grad for p in params if p.grad is not None]
+                if self._sharded:
+                    grads = [_local(g) for g in grads]
+                if grads:
+                    flag.zero_()
+                    # unscaling by 1: the gradients keep their values
+                    torch._amp_foreach_non_finite_check_and_unscale_(grads, flag, one)
+                    found.append(flag)
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0].reshape(1)
+        device = found[0].device
+        return torch.stack([f.reshape(()).to(device) for f in found]).sum().reshape(1)
 
 
 class NonFiniteGuard:
@@ -162,35 +178,43 @@ class NonFiniteGuard:
         self.skipped_steps = 0
         self._window_bad = False  # a non-finite micro-batch loss within a gradient accumulation window
         self._rank_onehot = None
+        self._grad_check = GradCheck()
 
     # -------------------------------------------------------------- per step
 
     def read(self, loss: torch.Tensor, optimizer, scaler=None, at_step: bool = True):
-        """(loss value, ranks that were non-finite, this rank's (loss bad, grads bad)); the ranks
-        only at an optimizer step (`at_step`), else None."""
+        """(loss value, ranks that were non-finite, this rank's (loss bad, grads bad)) in one host
+        read; the ranks only at an optimizer step (`at_step`), else None."""
         loss_det = loss.detach().float().reshape(1)
         if not at_step:  # a micro-batch of gradient accumulation: LAVIS's own loss.item()
             value = loss_det.item()
             self._window_bad |= not math.isfinite(value)
             return value, None, (not math.isfinite(value), False)
-        loss_bad = (~torch.isfinite(loss_det)).float()
-        grads_bad = (grads_nonfinite(optimizer, scaler, device=loss_det.device) > 0).float().reshape(1)
-        local_bad = ((loss_bad + grads_bad + float(self._window_bad)) > 0).float()
-        self._window_bad = False
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        grads = self._grad_check(optimizer, scaler)
+        grads = torch.zeros_like(loss_det) if grads is None else grads.to(loss_det.device)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:
             from lavis_vpgtrans.common.dist import collective_device
 
             device = collective_device()
             if self._rank_onehot is None or self._rank_onehot.device != device:
                 self._rank_onehot = torch.zeros(dist.get_world_size(), device=device)
                 self._rank_onehot[dist.get_rank()] = 1.0
-            flags = local_bad.to(device) * self._rank_onehot
-            dist.all_reduce(flags)  # asynchronous on NCCL; read below with the loss
-            values = torch.cat([loss_det.to(device), loss_bad.to(device), grads_bad.to(device), flags]).tolist()
+            local_bad = (~torch.isfinite(loss_det)) | (grads > 0)
+            if self._window_bad:
+                local_bad = torch.ones_like(local_bad)
+            flags = local_bad.float().to(device) * self._rank_onehot
+            dist.all_reduce(flags)  # asynchronous on NCCL: read below, with the loss
+            values = torch.cat([loss_det.to(device), grads.to(device), flags]).tolist()
         else:
-            values = torch.cat([loss_det, loss_bad, grads_bad, local_bad]).tolist()
-        bad_ranks = [r for r, f in enumerate(values[3:]) if f > 0]
-        return values[0], bad_ranks, (values[1] > 0, values[2] > 0)
+            values = torch.cat([loss_det, grads]).tolist()
+        loss_bad, grads_bad = not math.isfinite(values[0]) or self._window_bad, values[1] > 0
+        if distributed:
+            bad_ranks = [r for r, f in enumerate(values[2:]) if f > 0]
+        else:
+            bad_ranks = [0] if (loss_bad or grads_bad) else []
+        self._window_bad = False
+        return values[0], bad_ranks, (loss_bad, grads_bad)
 
     def applied(self) -> None:
         self.applied_steps += 1

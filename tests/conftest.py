@@ -3,6 +3,7 @@
 import atexit
 import os
 import shutil
+import socket
 import tempfile
 
 import pytest
@@ -17,11 +18,29 @@ if "LAVIS_CACHE_ROOT" not in os.environ:
     os.environ["LAVIS_CACHE_ROOT"] = tempfile.mkdtemp(prefix="lavis_cache_")
     atexit.register(shutil.rmtree, os.environ["LAVIS_CACHE_ROOT"], ignore_errors=True)
 
+# Under pytest-xdist (scripts/run_tests.sh runs two workers): each worker its own torchrun
+# port (torchrun reads PET_MASTER_PORT; its default 29500 would be shared), and one intra-op
+# thread per worker so that two workers do not oversubscribe the two cores.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    with socket.socket() as _s:
+        _s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("PET_MASTER_PORT", str(_s.getsockname()[1]))
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session", autouse=True)
 def toy_zoo(tmp_path_factory):
     """Builds the toy zoo once (or reuses $VPGTRANS_TOY_ZOO) and points the plugin at it."""
-    root = os.environ.get("VPGTRANS_TOY_ZOO") or str(tmp_path_factory.mktemp("toy_zoo") / "zoo")
+    if os.environ.get("VPGTRANS_TOY_ZOO"):
+        root = os.environ["VPGTRANS_TOY_ZOO"]
+    elif XDIST_WORKER:
+        # one zoo for all workers, next to their own temporary directories (ensure_zoo's
+        # file lock lets one worker build it while the other waits)
+        root = str(tmp_path_factory.getbasetemp().parent / "toy_zoo" / "zoo")
+        os.makedirs(os.path.dirname(root), exist_ok=True)
+    else:
+        root = str(tmp_path_factory.mktemp("toy_zoo") / "zoo")
     os.environ["VPGTRANS_TOY_ZOO"] = root
     from lavis_vpgtrans.toy import zoo
 

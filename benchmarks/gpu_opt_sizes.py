@@ -12,7 +12,7 @@ once into --workdir in the formats the configs read:
   - EVA ViT-g (1408-d, 39 blocks, 224 px, patch 14) as an EVA-ViT directory
     (models/eva_vit.py), and a bert-base-sized Q-Former initialisation.
 Stock LAVIS's Blip2OPT is built with only its download helpers pointed at those files
-(common/stock_lavis.py, as tests/test_lavis_equivalence.py does). Each configuration trains
+(models/stock_lavis.py, as tests/test_lavis_equivalence.py does). Each configuration trains
 `--steps` steps of the stage-2 trainable set (Q-Former, query tokens, ln_vision, projector) on
 random images and captions in LAVIS's precision (fp16 ViT and LLM, autocast) and prints the peak memory allocated on the
 device and the mean step time after one warm-up step. With --sharded (torchrun, N GPUs) ours runs
@@ -67,7 +67,7 @@ def build(kind, dirs, img_size, device):
     if kind == "stock":
         from lavis.models.blip2_models.blip2_opt import Blip2OPT
 
-        from lavis_vpgtrans.common.stock_lavis import local_blip2_parts
+        from lavis_vpgtrans.models.stock_lavis import local_blip2_parts
 
         with local_blip2_parts(dirs["vit"], dirs["bert"]):
             model = Blip2OPT(img_size=img_size, vit_precision="fp16", opt_model=dirs["llm"], prompt="")

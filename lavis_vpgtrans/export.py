@@ -153,7 +153,7 @@ def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False) -> 
 
 
 def main(argv=None):
-    from lavis_vpgtrans.chat.session import load_chat_model
+    from lavis_vpgtrans.models.loading import load_chat_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model-arch", required=True, help="registered model, e.g. blip2_opt_transfer")

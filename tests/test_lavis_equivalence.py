@@ -33,7 +33,7 @@ VQA_PROMPT = "Question: {} Short answer:"
 def lavis_download_helpers_replaced(plugin):
     """LAVIS's Blip2Base downloads EVA ViT-g and bert-base-uncased: point those (and only those)
     at the toy zoo's ViT and BERT."""
-    from lavis_vpgtrans.common.stock_lavis import local_blip2_parts
+    from lavis_vpgtrans.models.stock_lavis import local_blip2_parts
     from lavis_vpgtrans.toy import zoo
 
     with local_blip2_parts(zoo.resolve("toy:eva-vit"), zoo.resolve("toy:bert")):

@@ -1,9 +1,12 @@
-"""Layers: the production package never imports the toy world; "<scheme>:" paths and other
-packages' builders reach it only through the entry points setup.py declares."""
+"""Layers: the import contracts of .importlinter (layers, no import of the package root, no
+cycles) hold, and import-linter sees them broken; the production package never imports the toy
+world; "<scheme>:" paths and other packages' builders reach it only through the entry points
+setup.py declares."""
 
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +17,7 @@ PACKAGE = os.path.join(REPO, "lavis_vpgtrans")
 # The toy world and its own command line (the demo) may import it; nothing else may.
 TOY_SIDE = ("toy", "demo")
 TOY_CONFIG = os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_caption_opt.yaml")
+CONTRACTS = os.path.join(REPO, ".importlinter")
 
 FRESH_PROCESS = """
 import json, sys
@@ -100,3 +104,53 @@ def test_an_unknown_scheme_in_a_config_path_names_the_value(plugin):
 
     with pytest.raises(UnknownSchemeError, match="'zoo:opt-small': unknown path scheme 'zoo'"):
         load_tiny("blip2_opt_transfer", "tiny_opt_small", llm_model="zoo:opt-small")
+
+
+def lint_imports(root):
+    """import-linter's `lint-imports` on the lavis_vpgtrans package under `root` (the contracts of
+    this repository's .importlinter): (exit status, output)."""
+    proc = subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())", "--no-cache", "--no-logo", CONTRACTS],
+                          cwd=root, env={**os.environ, "COLUMNS": "200"}, capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_import_contracts_are_kept():
+    status, output = lint_imports(REPO)
+    assert status == 0, output
+    assert "Contracts: 3 kept, 0 broken." in output
+
+
+# (module added to a copy of the package, its source, what import-linter must report)
+BREAKS = {
+    "upward": ("common/upward.py", "from lavis_vpgtrans.runners import launch\n",
+               "lavis_vpgtrans.common is not allowed to import lavis_vpgtrans.runners:\n\n"
+               "- lavis_vpgtrans.common.upward -> lavis_vpgtrans.runners.launch (l.1)"),
+    "sideways": ("chat/sideways.py", "def f():\n    from lavis_vpgtrans import export\n",
+                 "lavis_vpgtrans.chat is not allowed to import lavis_vpgtrans.export:\n\n"
+                 "- lavis_vpgtrans.chat.sideways -> lavis_vpgtrans.export (l.2)"),
+    "root": ("models/rooted.py", "import lavis_vpgtrans\n",
+             "lavis_vpgtrans.models.rooted is not allowed to import lavis_vpgtrans:"),
+    "cycle": ("common/paths_b.py", "from lavis_vpgtrans.common import checkpoint\n",
+              "No cycles are allowed in lavis_vpgtrans.common."),
+    "unplaced": ("extra/__init__.py", "", "The following modules are not listed as layers:\n\n- lavis_vpgtrans.extra"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BREAKS))
+def test_import_linter_fails_on_a_broken_contract(tmp_path, kind):
+    """A copy of the package with one bad import added: an import up a layer (inside a function
+    too), between independent packages, of the package root, a cycle (common.checkpoint imports
+    the new module back), a package no layer names."""
+    path, source, message = BREAKS[kind]
+    shutil.copytree(PACKAGE, tmp_path / "lavis_vpgtrans", ignore=shutil.ignore_patterns("__pycache__"))
+    os.makedirs(os.path.dirname(tmp_path / "lavis_vpgtrans" / path), exist_ok=True)
+    (tmp_path / "lavis_vpgtrans" / path).write_text(source)
+    if kind == "cycle":
+        with open(tmp_path / "lavis_vpgtrans" / "common" / "checkpoint.py", "a") as f:
+            f.write("\nfrom lavis_vpgtrans.common import paths_b  # noqa: E402\n")
+    status, output = lint_imports(tmp_path)
+    assert status != 0, output
+    assert message in output, output
+    assert "0 broken" not in output

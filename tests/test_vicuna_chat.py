@@ -60,7 +60,7 @@ def image_tensor(model_type, path):
 
 
 def test_template_renders_multi_turn_history():
-    from lavis_vpgtrans.chat.conversation import ConversationError, get_template
+    from lavis_vpgtrans.models.conversation import ConversationError, get_template
 
     t = get_template("minigpt4")
     turns = [("What is it?", "A red circle."), ("Where?", "At the top left."), ("Anything else?", None)]
@@ -349,7 +349,7 @@ def test_train_py_instruction_tuning_lowers_the_loss(trained, vl_model, toy_set)
 
 
 def test_chat_fits_long_histories_and_names_an_overlong_message(vl_model, toy_set):
-    from lavis_vpgtrans.chat.conversation import ConversationError
+    from lavis_vpgtrans.models.conversation import ConversationError
 
     root, _ = toy_set
     image = image_tensor("tiny_vl_vicuna", os.path.join(root, "image", "2.jpg"))
@@ -369,7 +369,7 @@ def test_chat_fits_long_histories_and_names_an_overlong_message(vl_model, toy_se
 
 
 def test_terminal_chat_driven_through_stdin(trained, toy_set, tmp_path):
-    from lavis_vpgtrans.chat.session import load_chat_model
+    from lavis_vpgtrans.models.loading import load_chat_model
 
     root, _ = toy_set
     image_path = os.path.join(root, "image", "5.jpg")
@@ -414,7 +414,7 @@ def test_chat_cli_refuses_a_non_image_at_start(tmp_path, toy_zoo):
 
 def test_released_style_checkpoint_loads_with_a_local_llm_dir(plugin_and_builder, tmp_path):
     """vl-vicuna.pth holds the trainable parameters only; the LLM comes from a local dir."""
-    from lavis_vpgtrans.chat.session import load_chat_model
+    from lavis_vpgtrans.models.loading import load_chat_model
     from lavis_vpgtrans.common.checkpoint import CheckpointError
     from lavis_vpgtrans.toy import zoo
 
@@ -453,7 +453,7 @@ def test_released_style_checkpoint_loads_with_a_local_llm_dir(plugin_and_builder
 
 
 def test_vl_vicuna7b_asks_for_the_local_vicuna_dir(plugin_and_builder):
-    from lavis_vpgtrans.chat.session import load_chat_model
+    from lavis_vpgtrans.models.loading import load_chat_model
 
     with pytest.raises(ValueError, match="pass the local LLM directory"):
         load_chat_model("blip2_vicuna", "vl_vicuna7b", checkpoint="vl-vicuna.pth")

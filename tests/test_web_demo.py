@@ -20,7 +20,8 @@ QUESTION = "What do you see?"
 
 @pytest.fixture(scope="module")
 def engine(plugin, tmp_path_factory):
-    from lavis_vpgtrans.chat.session import ChatEngine, load_chat_model
+    from lavis_vpgtrans.chat.session import ChatEngine
+    from lavis_vpgtrans.models.loading import load_chat_model
 
     os.environ["GRADIO_TEMP_DIR"] = str(tmp_path_factory.mktemp("gradio"))  # uploads land here
     torch.manual_seed(0)

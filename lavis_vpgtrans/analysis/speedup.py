@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
-METRICS_FILE = "metrics.jsonl"
+from lavis_vpgtrans.runners.run_record import METRICS_FILE
+
 DEFAULT_METRIC = "agg_metrics"
 REQUIRED_KEYS = ("epoch", "benchmark", "metrics")
 LOG_FILE = "log.txt"  # LAVIS's run log: the config (json), then one json line per epoch's stats

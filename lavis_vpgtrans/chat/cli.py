@@ -12,8 +12,8 @@ import argparse
 import logging
 import sys
 
-from lavis_vpgtrans.chat.conversation import ConversationError
 from lavis_vpgtrans.chat.session import ImageInputError, add_generation_args, engine_from_args
+from lavis_vpgtrans.models.conversation import ConversationError
 
 HELP = "commands: /image PATH, /reset, /quit"
 

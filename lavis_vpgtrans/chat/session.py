@@ -1,13 +1,15 @@
-"""What the terminal chat and the web demo share: loading a chat model (a released
-checkpoint with a local LLM dir), checking user images, and one conversation's state."""
+"""What the terminal chat and the web demo share: a chat model (models/loading.py loads a
+released checkpoint with a local LLM dir), checking user images, and one conversation's state."""
 
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from lavis_vpgtrans.models.loading import load_chat_model
 
 logger = logging.getLogger(__name__)
 
@@ -42,40 +44,6 @@ def open_image(path: str, max_bytes: int, max_pixels: int = DEFAULT_MAX_PIXELS) 
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageInputError(f"{name} is not an image file that can be read (JPEG, PNG, WebP, ...): "
                               f"{type(e).__name__}") from None
-
-
-def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b", llm_model: str = None,
-                    checkpoint: str = None, device: str = None, options: Sequence[str] = ()):
-    """(model in eval mode on `device`, eval image processor) from a registered model type.
-
-    `llm_model`: the local LLM dir (e.g. Vicuna-7B v0 for the released VL-Vicuna);
-    `checkpoint`: a trained model's checkpoint (trainable parameters only, e.g. vl-vicuna.pth
-    or a stage-3 run's checkpoint_3.pth), replacing the model type's `finetuned`;
-    `options`: more model config overrides, "key=value" (e.g. "llm_precision=fp32").
-    """
-    from lavis.common.registry import registry
-    from lavis.models import load_preprocess
-    from omegaconf import OmegaConf
-
-    import lavis_vpgtrans  # noqa: F401  registers the models
-
-    cls = registry.get_model_class(arch)
-    if cls is None:
-        raise KeyError(f"unknown model {arch!r}")
-    cfg = OmegaConf.load(cls.default_config_path(model_type))
-    overrides: Dict[str, object] = {}
-    if llm_model:
-        overrides["llm_model"] = llm_model
-    if checkpoint:
-        overrides.update(load_finetuned=True, finetuned=checkpoint)
-    model_cfg = OmegaConf.merge(cfg.model, overrides, OmegaConf.from_dotlist(list(options)))
-    if not model_cfg.get("llm_model", None):
-        raise ValueError(f"model type {model_type!r} names no LLM: pass the local LLM directory "
-                         f"(--llm-model DIR)")
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = cls.from_config(model_cfg).to(device).eval()
-    vis_processors, _ = load_preprocess(cfg.preprocess)
-    return model, vis_processors["eval"]
 
 
 @dataclass

@@ -3,6 +3,8 @@
 Formats read: LAVIS `.pth` files ({"model": state_dict, ...} or a bare state dict), read with
 `torch.load(weights_only=True)` so no arbitrary pickle runs, and `.safetensors` files (their
 string metadata is returned under "metadata"). URLs go through LAVIS's download cache.
+Directories are read by the reader registered for their format (`register_dir_reader`:
+models/hf_blip2.py registers HF-format BLIP-2), so this module imports no model code.
 """
 
 import json
@@ -11,7 +13,7 @@ import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, NamedTuple
 
 import torch
 
@@ -36,19 +38,34 @@ def _local_path(url_or_path: str) -> str:
     return url_or_path
 
 
+class DirReader(NamedTuple):
+    accepts: Callable[[str], bool]  # is this directory in the reader's format?
+    read: Callable[[str], Dict]  # the directory as a checkpoint dict ({"model": ..., ...})
+    expected: str  # the format, as an error message names it
+
+
+_dir_readers: List[DirReader] = []
+
+
+def register_dir_reader(accepts: Callable[[str], bool], read: Callable[[str], Dict], expected: str) -> None:
+    """Lets `load_checkpoint_file` read directories that `accepts`; `expected` describes the
+    format for the error on a directory no reader accepts."""
+    _dir_readers.append(DirReader(accepts, read, expected))
+
+
 def load_checkpoint_file(url_or_path: str) -> Dict:
     """Returns the checkpoint as a dict with at least "model" (the state dict).
 
-    A directory must be an HF-format BLIP-2 (`Blip2ForConditionalGeneration.save_pretrained`,
-    e.g. Salesforce/blip2-opt-2.7b): its VPG and projector come back in LAVIS's names, its
-    language model is not read (see models/hf_blip2.py)."""
+    A directory must be in a registered directory format: an HF-format BLIP-2
+    (`Blip2ForConditionalGeneration.save_pretrained`, e.g. Salesforce/blip2-opt-2.7b), whose
+    VPG and projector come back in LAVIS's names, its language model not read (see
+    models/hf_blip2.py, which registers the reader)."""
     if os.path.isdir(url_or_path):
-        from lavis_vpgtrans.models import hf_blip2
-
-        if not hf_blip2.is_hf_blip2_dir(url_or_path):
-            raise CheckpointError(f"{url_or_path}: a directory, but not an HF-format BLIP-2 (expected config.json "
-                                  f"with model_type {hf_blip2.HF_MODEL_TYPE!r})")
-        return hf_blip2.read_hf_blip2_dir(url_or_path)
+        for reader in _dir_readers:
+            if reader.accepts(url_or_path):
+                return reader.read(url_or_path)
+        expected = " or ".join(r.expected for r in _dir_readers) or "a checkpoint format (none is registered)"
+        raise CheckpointError(f"{url_or_path}: a directory, but not {expected}")
     path = _local_path(url_or_path)
     if path.endswith(".safetensors"):
         from safetensors import safe_open

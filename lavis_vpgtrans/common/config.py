@@ -9,6 +9,8 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 BASE_KEY = "base"
+# run.runner when the config names none
+DEFAULT_RUNNER = "runner_vpgtrans_base"
 
 
 def load_config(path: str):
@@ -128,25 +130,30 @@ def _registered(kind: str, name, what: str) -> type:
     return cls
 
 
-# an entry of run.extra_validation: what runner_base.PortableRunner._build_benchmark reads
+def runner_class(run_cfg) -> type:
+    """The registered runner class that `run.runner` names (DEFAULT_RUNNER when unset)."""
+    return _registered("runner", run_cfg.get("runner", DEFAULT_RUNNER), "run.runner")
+
+
+# an entry of run.extra_validation: what runners/extra_validation.py (build_benchmark) reads
 EXTRA_VALIDATION_KEYS = frozenset({"name", "cfg_path", "split", "datasets", "run"})
 
 
-def check_config(cfg) -> None:
+def check_config(cfg, readers=()) -> None:
     """Every key of the run, model and dataset sections must be one the registered runner, task,
     model and builders (or this plugin's entry points) read, and every registry name must
     exist -- checked before anything is built, so a typo fails at once, not as a silently
-    ignored setting or after a stage of training. Keys read by code this scan cannot see
-    (a user's extension reading config some other way) are listed in `run.unchecked_keys`,
-    as dotted names (e.g. [model.my_option])."""
+    ignored setting or after a stage of training. `readers`: more modules or classes whose
+    reads of `run_cfg` count (the launcher that calls this passes itself). Keys read by code
+    this scan cannot see (a user's extension reading config some other way) are listed in
+    `run.unchecked_keys`, as dotted names (e.g. [model.my_option])."""
     import lavis.tasks
 
     from lavis_vpgtrans.common import dist as plugin_dist
-    from lavis_vpgtrans.runners import launch
 
     run_cfg, model_cfg = cfg.run_cfg, cfg.model_cfg
     unchecked = set(run_cfg.get("unchecked_keys", None) or [])
-    runner_cls = _registered("runner", run_cfg.get("runner", launch.DEFAULT_RUNNER), "run.runner")
+    runner_cls = runner_class(run_cfg)
     task_cls = _registered("task", run_cfg.get("task", None), "run.task")
     lr_sched = run_cfg.get("lr_sched", None)
     if lr_sched is not None and not run_cfg.get("evaluate", False):
@@ -166,8 +173,8 @@ def check_config(cfg) -> None:
             raise ConfigKeyError(f"unknown config key {dotted!r}{hint} (if your own code reads it, list it in "
                                  f"run.unchecked_keys)")
 
-    known_run = keys_read([runner_cls, task_cls, launch, plugin_dist, lavis.tasks, *builders.values()],
-                          "run_cfg") | {"unchecked_keys"}
+    known_run = keys_read([runner_cls, task_cls, runner_class, *readers, plugin_dist, lavis.tasks,
+                           *builders.values()], "run_cfg") | {"unchecked_keys"}
     others = [*registry.mapping["runner_name_mapping"].values(), *registry.mapping["task_name_mapping"].values()]
     check("run", run_cfg, known_run, keys_read(others, "run_cfg"))
     # run.extra_validation entries (runner_base.extra_benchmarks): their keys, the benchmarks'

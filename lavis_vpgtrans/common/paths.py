@@ -16,6 +16,8 @@ from importlib.metadata import entry_points
 from typing import Callable, Dict
 
 ENTRY_POINT_GROUP = "lavis_vpgtrans.path_schemes"
+# the lavis_vpgtrans directory: the model-type and dataset yamls are named relative to it
+PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A scheme is a lower-case word of two or more characters before the first ":", not followed
 # by "//": a Windows drive ("C:\\...") and URLs ("https://...", "s3://...") are not schemes.

@@ -20,10 +20,9 @@ from lavis.common.registry import registry
 from lavis.datasets.builders.base_dataset_builder import BaseDatasetBuilder
 from omegaconf import ListConfig
 
-from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.common.paths import PACKAGE_ROOT, resolve_path
 from lavis_vpgtrans.datasets.checked import CaptionDataset, CheckedSamples, ImageTextDataset
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILDER_ENTRY_POINTS = "lavis_vpgtrans.builders"
 
 

@@ -24,10 +24,9 @@ from lavis.models.blip2_models.blip2 import Blip2Base
 from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
 
 from lavis_vpgtrans.common.checkpoint import load_trained_checkpoint, trainable_state
-from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.common.paths import PACKAGE_ROOT, resolve_path
 from lavis_vpgtrans.models.eva_vit import load_eva_vit_dir
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ViTs LAVIS builds (and downloads) by name; any other vit_model is a local EVA-ViT directory.
 LAVIS_VITS = ("eva_clip_g", "clip_L")
 VIT_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}  # vit_precision values

@@ -2,7 +2,7 @@
 
 Without `conv_template` the model trains and generates like Blip2LLaMA (stages 1 and 2 of the
 transfer: captions ending in end_sym, "\n"). With `conv_template: minigpt4` (stage 3 and the released VL-Vicuna) every
-sample is a conversation rendered by lavis_vpgtrans.chat.conversation:
+sample is a conversation rendered by lavis_vpgtrans.models.conversation:
 
     <s>###Human: <Img>[32 soft prompts]</Img> {instruction} ###Assistant: {answer}###
 
@@ -24,9 +24,9 @@ import torch
 from lavis.common.registry import registry
 from transformers import StoppingCriteriaList
 
-from lavis_vpgtrans.chat.conversation import (ANSWER, DEFAULT_TEMPLATE, IMAGE, ConversationError,
-                                              ConversationTemplate, Turn, get_template)
 from lavis_vpgtrans.models.blip2_transfer import Blip2LLaMA
+from lavis_vpgtrans.models.conversation import (ANSWER, DEFAULT_TEMPLATE, IMAGE, ConversationError,
+                                                ConversationTemplate, Turn, get_template)
 from lavis_vpgtrans.models.llm import StopOnText, pad_rows
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from lavis_vpgtrans.common.checkpoint import CheckpointError
+from lavis_vpgtrans.common.checkpoint import CheckpointError, register_dir_reader
 from lavis_vpgtrans.models.projector import ARCH_BY_LLM_TYPE, GENERIC_CAUSAL_LM_ARCH, projector_name_of
 from lavis_vpgtrans.models.vl_llm import UNUSED_QFORMER_KEYS
 
@@ -207,3 +207,8 @@ def read_hf_blip2_dir(path: str) -> Dict:
                 "LAVIS's ln_vision uses 1e-5 and EVA's blocks 1e-6", path, text_type, projector_name,
                 config.vision_config.layer_norm_eps)
     return {"model": hf_to_lavis(state, projector_name, path), "metadata": metadata}
+
+
+# load_checkpoint_file (vpg_checkpoint, projector_checkpoint, ...) reads such directories
+register_dir_reader(is_hf_blip2_dir, read_hf_blip2_dir,
+                    f"an HF-format BLIP-2 (expected config.json with model_type {HF_MODEL_TYPE!r})")

@@ -22,11 +22,10 @@ from omegaconf import OmegaConf
 from transformers import AutoConfig, AutoTokenizer, BertConfig, BertModel
 
 from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file, load_state_with_report
-from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.common.paths import PACKAGE_ROOT, resolve_path
 
 logger = logging.getLogger(__name__)
 
-PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The registered `pformer` model's types (one per LLM: a P-Former is trained for one LLM).
 # Stage-1 / stage-2 configs name one of these as `pformer_model_type`.

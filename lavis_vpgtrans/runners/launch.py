@@ -2,29 +2,29 @@
 
     parse config -> init torch.distributed (gloo on CPU, nccl on GPU) -> seeds -> logger
     -> task -> datasets -> model -> runner.train() / runner.evaluate()
+
+LAVIS and the plugin are registered before the config is parsed: importing this module runs
+the package's __init__ first.
 """
 
 import argparse
 import logging
 import random
+import sys
 from datetime import datetime
 
 import numpy as np
 import torch
 
-import lavis_vpgtrans  # noqa: F401  registers LAVIS and the plugin before the config is parsed
 import lavis.tasks as tasks
 from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
-from lavis.common.registry import registry
 
-from lavis_vpgtrans.common.config import PluginConfig, check_config, load_config
+from lavis_vpgtrans.common.config import PluginConfig, check_config, load_config, runner_class
 from lavis_vpgtrans.common.dist import from_rank0, init_distributed_mode
 from lavis_vpgtrans.datasets.builders import register_builder_plugins
 from lavis_vpgtrans.runners.run_record import RunDirError, check_fresh_run_dir, claim_run_dir
 from lavis_vpgtrans.runners.runner_base import job_dir_of
-
-DEFAULT_RUNNER = "runner_vpgtrans_base"
 
 
 def parse_args(argv, description, with_ckpt=False):
@@ -77,7 +77,9 @@ def build(argv, description, evaluate):
     # builders of other packages (the toy world's) that the config names, before LAVIS looks them up
     register_builder_plugins(load_config(args.cfg_path).get("datasets", None) or {})
     cfg = PluginConfig(args)
-    check_config(cfg)  # typos and unknown registry names fail here, before anything is built
+    # typos and unknown registry names fail here, before anything is built (the run keys this
+    # module reads count as known)
+    check_config(cfg, readers=[sys.modules[__name__]])
     init_distributed_mode(cfg.run_cfg)
     setup_seeds(cfg)
     setup_logger()
@@ -87,7 +89,7 @@ def build(argv, description, evaluate):
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
     model = task.build_model(cfg)
-    runner_cls = registry.get_runner_class(cfg.run_cfg.get("runner", DEFAULT_RUNNER))
+    runner_cls = runner_class(cfg.run_cfg)
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     logging.info("output dir: %s", runner.output_dir)
     return runner

@@ -335,7 +335,7 @@ class PortableRunner(RunnerBase):
                   "split": split,
                   "metrics": {k: v for k, v in metrics.items()
                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
-        with open(os.path.join(self.output_dir, "metrics.jsonl"), "a") as f:
+        with open(os.path.join(self.output_dir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
 
     @property

@@ -275,17 +275,14 @@ def projector_tensors(state: Dict[str, torch.Tensor], name: str, source: str) ->
 
 
 def projector_name_for_arch(arch: str) -> str:
-    """The projector prefix a model architecture uses, by the model class's own name for it."""
+    """The projector prefix a model architecture uses, by the model class's own name for it (the
+    plugin's classes are registered: importing this module ran the package's __init__)."""
     from lavis_vpgtrans.models.projector import projector_name_of
 
     try:
         return projector_name_of(arch)
-    except KeyError:
-        import lavis_vpgtrans  # noqa: F401  registers the plugin's model classes, then look again
-        try:
-            return projector_name_of(arch)
-        except KeyError as e:
-            raise TransferError(str(e.args[0] if e.args else e)) from e
+    except KeyError as e:
+        raise TransferError(str(e.args[0] if e.args else e)) from e
 
 
 # The target class by config.json's model_type when --tgt-arch is omitted (the table is
@@ -323,7 +320,6 @@ def target_arch_for(name_or_path: str) -> str:
 
 def detect_projector_name(state: Dict[str, torch.Tensor], source: str) -> str:
     """The single known projector name (of any registered BLIP-2-style model) present in `state`."""
-    import lavis_vpgtrans  # noqa: F401  registers the plugin's model classes
     from lavis_vpgtrans.models.projector import known_projector_names
 
     known = sorted(known_projector_names())

@@ -2,7 +2,7 @@
 
 LAVIS 1.0.2's Blip2Base fetches EVA ViT-g (`create_eva_vit_g`) and bert-base-uncased (the Q-Former's
 config, weights and tokenizer) from the internet. Inside `local_blip2_parts(vit_dir, bert_dir)`
-those two, and only those, read an EVA-ViT directory (models/eva_vit.py) and a BERT
+those two, and only those, read an EVA-ViT directory (eva_vit.py) and a BERT
 `save_pretrained` directory; the rest of the stock class runs as released. Used to compare our
 models with stock LAVIS numerically (tests) and to measure stock LAVIS offline (benchmarks).
 """

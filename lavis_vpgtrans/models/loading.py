@@ -1,0 +1,45 @@
+"""A registered model type in eval mode with its eval image processor, for inference outside
+LAVIS's runner: the terminal chat, the web demo (chat/) and the HF export (export.py).
+
+    from lavis_vpgtrans.models.loading import load_chat_model   # also lavis_vpgtrans.chat.load_chat_model
+    model, vis_processor = load_chat_model("blip2_vicuna", "vl_vicuna7b", llm_model=VICUNA_DIR,
+                                           checkpoint="vl-vicuna.pth")
+
+Every model class of the plugin is registered by then: importing any module of lavis_vpgtrans
+runs the package's __init__ first.
+"""
+
+from typing import Dict, Sequence
+
+import torch
+from lavis.common.registry import registry
+from lavis.models import load_preprocess
+from omegaconf import OmegaConf
+
+
+def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b", llm_model: str = None,
+                    checkpoint: str = None, device: str = None, options: Sequence[str] = ()):
+    """(model in eval mode on `device`, eval image processor) from a registered model type.
+
+    `llm_model`: the local LLM dir (e.g. Vicuna-7B v0 for the released VL-Vicuna);
+    `checkpoint`: a trained model's checkpoint (trainable parameters only, e.g. vl-vicuna.pth
+    or a stage-3 run's checkpoint_3.pth), replacing the model type's `finetuned`;
+    `options`: more model config overrides, "key=value" (e.g. "llm_precision=fp32").
+    """
+    cls = registry.get_model_class(arch)
+    if cls is None:
+        raise KeyError(f"unknown model {arch!r}")
+    cfg = OmegaConf.load(cls.default_config_path(model_type))
+    overrides: Dict[str, object] = {}
+    if llm_model:
+        overrides["llm_model"] = llm_model
+    if checkpoint:
+        overrides.update(load_finetuned=True, finetuned=checkpoint)
+    model_cfg = OmegaConf.merge(cfg.model, overrides, OmegaConf.from_dotlist(list(options)))
+    if not model_cfg.get("llm_model", None):
+        raise ValueError(f"model type {model_type!r} names no LLM: pass the local LLM directory "
+                         f"(--llm-model DIR)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = cls.from_config(model_cfg).to(device).eval()
+    vis_processors, _ = load_preprocess(cfg.preprocess)
+    return model, vis_processors["eval"]

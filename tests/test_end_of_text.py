@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StopStringCriteria
 
 from helpers import load_tiny
 
@@ -75,7 +75,10 @@ def test_end_of_text_per_model_type(opt_model, llama_model, plugin):
     # an end the tokenizer splits has no single id: generation stops on text
     hashes = load_tiny("blip2_llama", "tiny_llama", end_sym="###")
     assert len(ids(hashes.llm_tokenizer, "a###")) > len(ids(hashes.llm_tokenizer, "a")) + 1
-    assert hashes.end_token_id is None and "stopping_criteria" in hashes._stop_kwargs()
+    assert hashes.end_token_id is None
+    # transformers' stop strings, the criterion built once per model (models/llm.py stop_on_text)
+    assert [type(c) for c in hashes._stop_kwargs()["stopping_criteria"]] == [StopStringCriteria]
+    assert hashes._stop_kwargs()["stopping_criteria"][0] is hashes._stop_kwargs()["stopping_criteria"][0]
     with pytest.raises(ValueError, match="end_sym must be a non-empty string or null"):
         load_tiny("blip2_opt_transfer", "tiny_opt_small", end_sym="")
 

@@ -185,8 +185,6 @@ def test_generation_feeds_the_llm_exactly_the_training_prompt(vl_model, toy_set)
 
 
 def test_stop_criterion_finds_the_separator_however_it_is_tokenized(vl_model):
-    from lavis_vpgtrans.models.blip2_vicuna import StopOnText
-
     tok = vl_model.llm_tokenizer
     enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
     hash_id = enc("###")[-1]  # the toy tokenizer spells "#" as a byte token
@@ -199,30 +197,26 @@ def test_stop_criterion_finds_the_separator_however_it_is_tokenized(vl_model):
         enc("a red circle"),
     ]
     width = max(map(len, rows))
-    ids = torch.tensor([r + [tok.unk_token_id] * (width - len(r)) for r in rows])
-    done = StopOnText(tok, "###")(ids, None)
+    # left-padded as generation's rows are: the separator is checked where the newest token is
+    ids = torch.tensor([[tok.unk_token_id] * (width - len(r)) + r for r in rows])
+    done = vl_model.stop_on_text("###")(ids, None)
     assert done.tolist() == [True, True, True, True, False, False]
 
 
-def test_stop_criterion_decodes_only_a_tail_as_long_as_the_stop_text(vl_model):
-    """It runs after every generated token: decoding whole rows each time would cost time
-    quadratic in the answer's length."""
-    from lavis_vpgtrans.models.blip2_vicuna import StopOnText
+def test_stop_criterion_is_transformers_built_once_per_model(vl_model):
+    """transformers' StopStringCriteria (issue 23: our own criterion decoded text at every step),
+    built once: it preprocesses the whole vocabulary, and generate(stop_strings=...) would do that
+    at every call (1.3 s for Qwen3's tokenizer). It reads a fixed tail of the row at each step."""
+    from transformers import StopStringCriteria
 
     tok = vl_model.llm_tokenizer
-    decoded = []
-
-    class RecordingTokenizer:  # the real tokenizer, recording what it is asked to decode
-        all_special_ids = tok.all_special_ids
-
-        def batch_decode(self, rows, **kwargs):
-            decoded.extend(len(r) for r in rows)
-            return tok.batch_decode(rows, **kwargs)
-
+    criteria = vl_model.stop_on_text("###")
+    assert [type(c) for c in criteria] == [StopStringCriteria]
+    assert vl_model.stop_on_text("###")[0] is criteria[0]
     long_answer = tok("a red circle and a blue square " * 50, add_special_tokens=False).input_ids
-    ids = torch.tensor([long_answer, long_answer[:-3] + tok("###", add_special_tokens=False).input_ids[-3:]])
-    assert StopOnText(RecordingTokenizer(), "###")(ids, None).tolist() == [False, True]
-    assert len(long_answer) > 200 and decoded == [3, 3]
+    ended = long_answer[:-3] + tok("###", add_special_tokens=False).input_ids[-3:]
+    assert len(long_answer) > 200
+    assert criteria(torch.tensor([long_answer, ended]), None).tolist() == [False, True]
 
 
 def test_generation_stops_at_the_separator_and_cuts_it(vl_model, toy_set):

@@ -22,12 +22,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from lavis.common.registry import registry
-from transformers import StoppingCriteriaList
 
 from lavis_vpgtrans.models.blip2_transfer import Blip2LLaMA
 from lavis_vpgtrans.models.conversation import (ANSWER, DEFAULT_TEMPLATE, IMAGE, ConversationError,
                                                 ConversationTemplate, Turn, get_template)
-from lavis_vpgtrans.models.llm import StopOnText, pad_rows
+from lavis_vpgtrans.models.llm import pad_rows
 
 logger = logging.getLogger(__name__)
 
@@ -197,11 +196,10 @@ class Blip2Vicuna(Blip2LLaMA):
         self._check_context(rows, int(gen_kwargs.get("max_new_tokens", 0)))
         # Left padding keeps every prompt adjacent to the tokens being generated.
         embeds, mask = self._embed_rows(rows, prompts, left_pad=True)
-        stopping = StoppingCriteriaList([StopOnText(tok, template.sep)])
         with self.maybe_autocast():
             out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask,
                                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-                                          stopping_criteria=stopping, **gen_kwargs)
+                                          stopping_criteria=self.stop_on_text(template.sep), **gen_kwargs)
         return [template.cut_answer(t) for t in tok.batch_decode(out, skip_special_tokens=True)]
 
     @torch.no_grad()

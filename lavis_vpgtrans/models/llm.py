@@ -19,7 +19,7 @@ import logging
 from typing import List, Optional, Sequence
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, StopStringCriteria,
                           T5ForConditionalGeneration)
 
 from lavis_vpgtrans.common.paths import resolve_path
@@ -74,30 +74,6 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, left: bool = False):
     return ids, mask
 
 
-class StopOnText(StoppingCriteria):
-    """Marks a row done once its generated text contains `stop`. Works on decoded text, so it
-    does not matter how the tokenizer splits "###" ("▁###", "##" + "#", three byte tokens).
-
-    It runs after every new token, so `stop` can only complete in a row's newest tokens: only
-    the last `len(stop)` (in bytes) tokens that decode to text are decoded, since each of the
-    tokens that end with `stop` carries at least one of its bytes; not the whole row at every
-    step. Special tokens (padding, EOS) are skipped, as in the decoded text."""
-
-    def __init__(self, tokenizer, stop: str):
-        super().__init__()
-        self.tokenizer = tokenizer
-        self.stop = stop
-        self.window = len(stop.encode("utf-8"))
-        self.special_ids = torch.tensor(sorted(tokenizer.all_special_ids), dtype=torch.long)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        # With inputs_embeds, input_ids holds only the generated tokens.
-        text_tokens = ~torch.isin(input_ids, self.special_ids.to(input_ids.device))
-        tails = [row[keep][-self.window:].tolist() for row, keep in zip(input_ids, text_tokens)]
-        texts = self.tokenizer.batch_decode(tails)
-        return torch.tensor([self.stop in t for t in texts], dtype=torch.bool, device=input_ids.device)
-
-
 def check_llm_args(owner: str, llm_model, llm_precision) -> None:
     """Before anything is built: the LLM is named and its precision known."""
     if llm_model is None:
@@ -139,6 +115,7 @@ class FrozenLLM:
         if self.llm_tokenizer.pad_token is None:
             # LLaMA / Vicuna ship no pad token; padding is masked out, so any id will do.
             self.llm_tokenizer.pad_token = self.llm_tokenizer.unk_token or self.llm_tokenizer.eos_token
+        self._stop_criteria = {}  # stop_on_text's, built on first use
         self._set_end_of_text(end_sym)
         # Prepended to every decoder-only text (training, generation, chat) as the tokenizer does.
         self.bos_ids = [] if self.is_encoder_decoder else leading_special_ids(self.llm_tokenizer)
@@ -181,7 +158,7 @@ class FrozenLLM:
         """How generation ends, as transformers generate() arguments: at the end-of-text token
         (`end_token_id`: e.g. the "\\n" LAVIS trains OPT with, or the tokenizer's EOS); when the
         end of text spans several tokens (e.g. "\\n" for Qwen's tokenizer), at the EOS or on the
-        text (`stop_strings`; our own generation uses StopOnText for it)."""
+        text (`stop_strings`; our own generation passes the criterion stop_on_text builds for it)."""
         if self.end_token_id is not None:
             return {"eos_token_id": self.end_token_id}
         return {"eos_token_id": self.llm_tokenizer.eos_token_id, "stop_strings": self.end_sym}
@@ -194,8 +171,23 @@ class FrozenLLM:
             end["synced_gpus"] = True
         stop = end.pop("stop_strings", None)
         if stop is not None:
-            end["stopping_criteria"] = StoppingCriteriaList([StopOnText(self.llm_tokenizer, stop)])
+            end["stopping_criteria"] = self.stop_on_text(stop)
         return end
+
+    def stop_on_text(self, text: str) -> StoppingCriteriaList:
+        """Ends a row at the token that completes `text` in its generated text, however the
+        tokenizer splits it ("###" as "▁###", "##" + "#" or three byte tokens) and whatever that
+        token carries after it (".\\n", "\\n\\n"): transformers' StopStringCriteria, which reads only
+        the last len(text) tokens at each step. The caller cuts the text there (cut_at_end).
+
+        Built once per model and text, not at every generate() call as generate(stop_strings=...,
+        tokenizer=...) builds it: it preprocesses the whole vocabulary, and transformers' cache of
+        that misses for fast tokenizers (their get_vocab() order changes from call to call):
+        1.3 s per call for Qwen3's 151k tokens (benchmarks/stop_on_text.py)."""
+        key = (text, len(self.llm_tokenizer))
+        if key not in self._stop_criteria:
+            self._stop_criteria[key] = StopStringCriteria(self.llm_tokenizer, text)
+        return StoppingCriteriaList([self._stop_criteria[key]])
 
     def cut_at_end(self, text: str) -> str:
         """Generated text up to (not including) the end of text, stripped."""

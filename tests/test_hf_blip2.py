@@ -3,7 +3,9 @@
 In: a tiny Blip2ForConditionalGeneration (toy zoo sizes, random VPG) saved with save_pretrained
 is a VPG + projector source for blip2_opt_transfer; its soft prompts equal HF's own.
 Out: `python -m lavis_vpgtrans.export` writes a trained model that plain transformers loads and
-that captions exactly as our model does.
+that captions as our model does; what the layout cannot hold (one LayerNorm eps for the ViT
+blocks and ln_vision) is measured by the export, which keeps the better eps and prints the
+soft prompts' largest difference.
 """
 
 import json
@@ -21,6 +23,7 @@ from safetensors.torch import save_file
 from helpers import load_tiny
 
 N_IMAGES = 8
+N_CAPTION_IMAGES = 16
 
 
 def hf_soft_prompts(hf, pixel_values):
@@ -31,16 +34,20 @@ def hf_soft_prompts(hf, pixel_values):
     return hf.language_projection(query)
 
 
-@pytest.fixture(scope="module")
-def images(toy_zoo):
-    """Toy val images (PIL) and their pixel values from LAVIS's own eval processor."""
+def val_images(toy_zoo, n):
+    """The first `n` toy val images (PIL) and their pixel values from LAVIS's own eval processor."""
     from lavis.processors.blip_processors import BlipImageEvalProcessor
 
     with open(os.path.join(toy_zoo, "data", "annotations", "caption_val.json")) as f:
-        names = sorted({a["image"] for a in json.load(f)})[:N_IMAGES]
+        names = sorted({a["image"] for a in json.load(f)})[:n]
     pil = [Image.open(os.path.join(toy_zoo, "data", "images", n)).convert("RGB") for n in names]
     processor = BlipImageEvalProcessor(image_size=32)
     return pil, torch.stack([processor(im) for im in pil]), processor
+
+
+@pytest.fixture(scope="module")
+def images(toy_zoo):
+    return val_images(toy_zoo, N_IMAGES)
 
 
 @pytest.fixture(scope="module")
@@ -234,17 +241,13 @@ def test_bad_hf_files_give_errors_naming_the_key(plugin, hf_dir, tmp_path):
 # ---------------------------------------------------------------------------- LAVIS -> HF
 
 
-@pytest.fixture(scope="module")
-def trained(plugin, images, tmp_path_factory):
-    """blip2_opt_transfer after a few optimizer steps on toy captions, and its checkpoint."""
+def train_briefly(model, processor):
+    """A few optimizer steps on toy captions (8 batches of 8): captions that depend on the image."""
     from lavis_vpgtrans.toy import zoo
 
-    torch.manual_seed(0)
-    model = load_tiny("blip2_opt_transfer", "tiny_opt_small")
     root = zoo.resolve("toy:data")
     with open(os.path.join(root, "annotations", "caption_train.json")) as f:
         ann = json.load(f)[:64]
-    _, _, processor = images
     pixels = torch.stack([processor(Image.open(os.path.join(root, "images", a["image"])).convert("RGB"))
                           for a in ann])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -255,7 +258,14 @@ def trained(plugin, images, tmp_path_factory):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    model.eval()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(plugin, images, tmp_path_factory):
+    """blip2_opt_transfer after a few optimizer steps on toy captions, and its checkpoint."""
+    torch.manual_seed(0)
+    model = train_briefly(load_tiny("blip2_opt_transfer", "tiny_opt_small"), images[2])
     ckpt = tmp_path_factory.mktemp("trained") / "checkpoint.pth"
     torch.save({"model": model.trainable_state_dict()}, ckpt)
     return model, str(ckpt)
@@ -278,7 +288,29 @@ def exported(trained, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-3000:]
     assert {"config.json", "generation_config.json", "model.safetensors", "preprocessor_config.json",
             "processor_config.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    # it prints what it measured (and records it in config.json)
+    assert re.search(r"soft prompts of the export vs ours on 8 probe images \(fp32\): largest \|difference\| "
+                     r"[0-9.e-]+ .* with vision layer_norm_eps", result.stdout), result.stdout
     return out, Blip2ForConditionalGeneration.from_pretrained(out).eval(), Blip2Processor.from_pretrained(out)
+
+
+def layer_norm_eps_set(model, eps):
+    """Our ViT blocks' and ln_vision's LayerNorms, all at `eps` (as transformers' Blip2 has them)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def manager():
+        norms = [model.ln_vision] + [n for b in model.visual_encoder.blocks for n in (b.norm1, b.norm2)]
+        saved = [n.eps for n in norms]
+        for n in norms:
+            n.eps = eps
+        try:
+            yield
+        finally:
+            for n, e in zip(norms, saved):
+                n.eps = e
+
+    return manager()
 
 
 def test_export_round_trip_captions(trained, exported, images):
@@ -290,14 +322,11 @@ def test_export_round_trip_captions(trained, exported, images):
     assert (inputs.pixel_values - pixel_values).abs().max().item() < 1e-5
     with torch.no_grad():
         theirs = hf_soft_prompts(hf, pixel_values)
-        # post_layernorm has the ViT blocks' eps (1e-6), ln_vision LayerNorm's 1e-5: measured
-        # 2.8e-5 (soft prompts of max |x| ~1.8); 6e-7 with ln_vision at 1e-6
+        # the layout's one LayerNorm eps for the ViT blocks (ours 1e-6) and post_layernorm (our
+        # ln_vision's 1e-5) is the one difference: measured 2.8e-5 (soft prompts of max |x| ~1.8)
         assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-4
-        own_eps, model.ln_vision.eps = model.ln_vision.eps, hf.vision_model.post_layernorm.eps
-        try:
-            assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 1e-5
-        finally:
-            model.ln_vision.eps = own_eps
+        with layer_norm_eps_set(model, hf.config.vision_config.layer_norm_eps):
+            assert (model.encode_image(pixel_values) - theirs).abs().max().item() < 2e-6
     texts, stopped = assert_same_generation(model, hf, processor, pil, pixel_values)
     assert all(texts[:len(pil)]) and len(set(texts)) > 2 and stopped > 0, (texts, stopped)
     assert hf.config.text_config.eos_token_id == hf.generation_config.eos_token_id
@@ -335,6 +364,79 @@ def test_export_refuses_an_existing_dir_and_encoder_decoders(trained, exported, 
     with pytest.raises(ValueError, match="conversation mode"):
         export_hf_blip2(load_tiny("blip2_vicuna", "tiny_vl_vicuna"), processor, str(tmp_path / "vicuna"))
     assert not (tmp_path / "vicuna").exists()
+
+
+# ---------------------------------------------------------------------------- what the layout cannot hold
+
+
+def perturbed_model(seed=0, vit_stream_scale=1.0):
+    """blip2_opt_transfer with every VPG and projector weight moved off its initial value (so no
+    LayerNorm is the identity, no bias zero), and optionally the ViT's residual stream scaled by
+    `vit_stream_scale` (its patch / class / position embeddings and every block's output
+    projections): a ViT whose features have a tiny variance."""
+    torch.manual_seed(seed)
+    model = load_tiny("blip2_opt_transfer", "tiny_opt_small").eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.startswith(("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "opt_proj.")):
+                p.add_(0.05 * torch.randn_like(p))
+        vit = model.visual_encoder
+        for t in [vit.cls_token, vit.pos_embed, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias] + \
+                 [p for b in vit.blocks for p in (b.attn.proj.weight, b.attn.proj.bias, b.mlp.fc2.weight, b.mlp.fc2.bias)]:
+            t.mul_(vit_stream_scale)
+    return model
+
+
+def export_and_reload(model, vis_processor, out):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    from lavis_vpgtrans.export import export_hf_blip2, recorded_measurement
+
+    out = export_hf_blip2(model, vis_processor, str(out))
+    return (Blip2ForConditionalGeneration.from_pretrained(out).eval(), Blip2Processor.from_pretrained(out),
+            recorded_measurement(out))
+
+
+def test_perturbed_export_captions_as_ours(plugin, toy_zoo, tmp_path):
+    """Issue 23: a model off its initial weights (perturbed, then trained briefly), exported and
+    loaded by plain transformers, gives our greedy and beam-5 captions of 16 images, and says
+    how far its soft prompts are from ours (the layout's one LayerNorm eps for the ViT blocks and
+    ln_vision is the one thing it cannot hold)."""
+    pil, pixel_values, vis_processor = val_images(toy_zoo, N_CAPTION_IMAGES)
+    model = train_briefly(perturbed_model(), vis_processor)
+    hf, processor, measured = export_and_reload(model, vis_processor, tmp_path / "perturbed")
+    # the eps that came closer on the probe batch (here ln_vision's: 2e-5 with the blocks' 1e-6)
+    by_eps = {float(eps): d for eps, d in measured["soft_prompt_max_abs_diff_by_eps"].items()}
+    assert measured["vision_layer_norm_eps"] == hf.config.vision_config.layer_norm_eps == min(by_eps, key=by_eps.get)
+    assert measured["soft_prompt_max_abs_diff"] < 1e-4 * measured["soft_prompt_max_abs"]
+    with torch.no_grad():
+        assert (model.encode_image(pixel_values) - hf_soft_prompts(hf, pixel_values)).abs().max().item() < 1e-4
+    # captions (the test zoo's toy models say much the same for every image) and continuations of
+    # four prompts, greedy and beam 5: 64 generations each way
+    texts, stopped = assert_same_generation(model, hf, processor, pil, pixel_values)
+    assert len(texts) == 4 * N_CAPTION_IMAGES and len(set(texts)) > 2 and stopped > 0, (texts, stopped)
+
+
+def test_export_keeps_the_eps_that_comes_closer_and_says_how_close(plugin, toy_zoo, tmp_path):
+    """A ViT whose features have a variance of ~1e-6: there the eps matters, and ln_vision's
+    (1e-5) comes closer than the blocks' (1e-6) the layout used to take. The export keeps it and
+    records the difference that plain transformers' model then shows on the probe batch."""
+    from lavis_vpgtrans.export import probe_images
+
+    _, _, vis_processor = val_images(toy_zoo, 1)
+    model = perturbed_model(vit_stream_scale=1e-3)
+    hf, _, measured = export_and_reload(model, vis_processor, tmp_path / "small_variance")
+    by_eps = {float(eps): d for eps, d in measured["soft_prompt_max_abs_diff_by_eps"].items()}
+    assert set(by_eps) == {1e-6, 1e-5}
+    assert measured["vision_layer_norm_eps"] == hf.config.vision_config.layer_norm_eps == 1e-5
+    assert by_eps[1e-5] < by_eps[1e-6] / 5  # measured 0.0086 vs 0.106
+    probe = probe_images(vis_processor)
+    with torch.no_grad():
+        reloaded = (model.encode_image(probe) - hf_soft_prompts(hf, probe)).abs().max().item()
+        assert reloaded == pytest.approx(measured["soft_prompt_max_abs_diff"], rel=1e-3)
+        # explained: with our LayerNorms at the exported eps, ours equal theirs
+        with layer_norm_eps_set(model, 1e-5):
+            assert (model.encode_image(probe) - hf_soft_prompts(hf, probe)).abs().max().item() < 1e-5
 
 
 @pytest.mark.parametrize("arch, model_type, options", [

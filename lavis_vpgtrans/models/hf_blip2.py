@@ -15,8 +15,10 @@ Two things do not map one to one:
 - EVA's attention keeps separate `q_bias` and `v_bias` (the key has no bias); transformers
   stores one `qkv.bias` = cat(q_bias, zeros, v_bias). Going back, the key part must be zero.
 - LAVIS's ln_vision uses LayerNorm's default eps 1e-5, transformers' post_layernorm the vision
-  config's `layer_norm_eps` (shared with the ViT blocks, 1e-6 for EVA). The weights are the
-  same; the outputs differ by that eps alone (measured in the tests).
+  config's `layer_norm_eps`, shared with the ViT blocks (1e-6 for EVA). The weights are the
+  same; the outputs differ by that eps alone. Going out, the export measures which of the two
+  brings its soft prompts closer to ours and keeps that one (export.py choose_vision_eps);
+  coming in, our ViT blocks keep 1e-6 and ln_vision 1e-5 whatever the directory says.
 """
 
 import json

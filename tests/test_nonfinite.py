@@ -67,7 +67,7 @@ def batches(scales, z=None):
     return out
 
 
-def train(scales, task=None, accum=1, z=None, model=None):
+def train(scales, task=None, accum=1, z=None, model=None, scaler=None):
     from lavis.tasks.base_task import BaseTask
 
     import lavis_vpgtrans  # noqa: F401  installs the guarded loop
@@ -81,7 +81,7 @@ def train(scales, task=None, accum=1, z=None, model=None):
     try:
         stats = task._train_inner_loop(epoch=0, iters_per_epoch=len(data), model=model, data_loader=iter(data),
                                        optimizer=optimizer, lr_scheduler=sched, log_freq=1000,
-                                       accum_grad_iters=accum)
+                                       accum_grad_iters=accum, scaler=scaler)
     except Exception as e:  # noqa: BLE001  returned for the test to check
         error = e
     sched.step(None, None)  # the weights after the last iteration
@@ -137,6 +137,22 @@ def test_infinite_gradients_of_a_finite_loss_skip_the_step(plugin, caplog):
     applied, error, _, _ = train([1, 1, 1], z=[1, 0, 1])  # d sqrt(x)/dx at 0 is inf
     assert error is None and applied == [True, False, True]
     assert any("the gradients were non-finite, the loss finite" in r.getMessage() for r in caplog.records)
+
+
+def test_gradscaler_skipped_steps_count_the_same_way(plugin, caplog):
+    """With amp (GradScaler; CUDA in a real run, its CPU twin here), a step the scaler finds
+    non-finite gradients in is skipped and counted like a non-finite loss."""
+    from lavis_vpgtrans.common.finite import NonFiniteLossError
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    applied, error, _, _ = train([1, 1, 1, 1], z=[1, 0, 1, 1], scaler=scaler)
+    assert error is None and applied == [True, False, True, True]
+    assert scaler.get_scale() < 2.0 ** 10  # lowered after the overflow, as GradScaler does
+    assert any("GradScaler found non-finite gradients" in r.getMessage() for r in caplog.records)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    applied, error, _, _ = train([1, 1, 1, 1, 1], z=[1, 0, 0, 0, 1], scaler=scaler)
+    assert isinstance(error, NonFiniteLossError) and "from step 1 (epoch 0, iteration 1 of 5) to step 3" in str(error)
+    assert applied[:3] == [True, False, False]
 
 
 def test_hints_name_a_checkpoint_that_was_loaded_non_finite_and_a_frozen_weight(plugin):
@@ -197,6 +213,21 @@ def test_nonfinite_keys_walk_nested_states_in_order():
     with pytest.raises(Exception, match=r"ck.pth: checkpoint holds non-finite values \(NaN or inf\) in 'model.b' "
                                         r"\(and 1 more tensor\(s\)\): refused"):
         check_finite_state(state, "ck.pth")
+
+
+def test_the_converter_refuses_a_nan_projector_naming_the_key(tmp_path, toy_zoo, capsys):
+    from lavis_vpgtrans.transfer.converter import main
+
+    weight = torch.randn(32, 16)
+    weight[5, 2] = NAN
+    proj = tmp_path / "proj.pth"
+    torch.save({"model": {"opt_proj.weight": weight, "opt_proj.bias": torch.zeros(32)}}, proj)
+    small, large = (os.path.join(toy_zoo, name) for name in ("opt-small", "opt-large"))
+    code = main(["--src", small, "--tgt", large, "--projector", str(proj), "--out", str(tmp_path / "o.pth"),
+                 "--src-arch", "blip2_opt", "--tgt-arch", "blip2_opt"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"{proj}: the source projector holds non-finite values" in err and "'opt_proj.weight'" in err
+    assert not os.path.exists(tmp_path / "o.pth")
 
 
 # --------------------------------------------------------------------------- validation that produces nothing

@@ -382,6 +382,10 @@ def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Te
     else:
         name = detect_projector_name(state, cfg.projector)
     weight, bias = projector_tensors(state, name, cfg.projector)
+    from lavis_vpgtrans.common.finite import check_finite_state
+
+    # a NaN projector merges into a NaN target projector: refused, naming the file and the key
+    check_finite_state({f"{name}.weight": weight, f"{name}.bias": bias}, cfg.projector, "the source projector")
     # clone, then drop the checkpoint: a full BLIP-2 checkpoint must not stay in memory
     return name, weight.detach().clone(), bias.detach().clone()
 

@@ -73,7 +73,7 @@ def measure(family, checkpointing):
     state = sharding.full_trainable_state(model)
     optim_state = sharding.full_optimizer_state(model, optimizer)
     resumed = sharded(build(family, seed_offset=13))
-    sharding.load_trained_state(resumed, state, "the interrupted run's weights")
+    load_trained_state(resumed, state, "the interrupted run's weights")  # sharded: each rank its shards
     resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
     sharding.load_full_optimizer_state(resumed, resumed_optimizer, optim_state)
     train(resumed, resumed, data[2:], resumed_optimizer, first_step=2)

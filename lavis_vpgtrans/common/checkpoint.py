@@ -17,6 +17,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple
 
 import torch
 
+from lavis_vpgtrans.common import sharding
 from lavis_vpgtrans.common.paths import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -192,7 +193,8 @@ def load_state_with_report(
     - kept keys the module does not have are an error (unexpected);
     - a shape mismatch is an error naming the key and both shapes;
     - `required` module keys absent from the file are an error (missing).
-    The module's other keys keep their values. Nothing is loaded unless all checks pass.
+    The module's other keys keep their values. Nothing is loaded unless all checks pass. A
+    sharded module (common/sharding.py) takes full tensors too: each rank keeps its shard.
     """
     own = module.state_dict()
     report = LoadReport(source=source)
@@ -216,7 +218,7 @@ def load_state_with_report(
         raise CheckpointError(f"{source}: missing keys: {_summarise(report.missing)}")
     with torch.no_grad():
         for key, value in to_load.items():
-            own[key].copy_(value.to(own[key].dtype))
+            sharding.copy_full_into(own[key], value)
     report.loaded = sorted(to_load)
     return report
 
@@ -240,7 +242,11 @@ def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tens
     trainable parameters + persistent buffers, as LAVIS's and the VPGTrans runner write them):
     every key must fit the module and every trainable parameter must be there; frozen weights
     (ViT, LLM) keep their values. Frozen-LLM buffers the module does not have
-    (FROZEN_LLM_BUFFERS) are dropped by design and reported; any other unknown key is an error."""
+    (FROZEN_LLM_BUFFERS) are dropped by design and reported; any other unknown key is an error.
+    The same rules for a sharded module (run.fsdp): the checkpoint's full tensors are loaded
+    into each rank's shards (every rank must call this, with the same state)."""
+    if sharding.is_sharded(module):
+        sharding.resharded(module)  # the sharded parameters, not the copies an evaluation gathered
     own = module.state_dict()
     report = load_state_with_report(module, state_dict, source, required=list(trainable_state(module)),
                                     drop=lambda k: k not in own and bool(FROZEN_LLM_BUFFERS.match(k)))

@@ -17,10 +17,10 @@ precision settings (`vit_precision`, `llm_precision`); gradients reduce in fp32.
         qformer: false         # ... and each Q-Former layer (large batches)
 
 Checkpoints stay trainable-parameters-only files of full tensors (`full_trainable_state`, a
-collective: every rank calls it), which load into an unsharded model.
+collective: every rank calls it), which load into an unsharded model; common/checkpoint.py's
+load_trained_state loads them into a sharded one by the same rules (`copy_full_into`).
 """
 
-import logging
 from dataclasses import dataclass, fields
 from typing import Dict, Optional
 
@@ -28,7 +28,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-logger = logging.getLogger(__name__)
 
 # the model methods that run the LLM outside `forward`: FSDP must gather the root unit for them
 FORWARD_METHODS = ("generate", "predict_answers")
@@ -174,29 +173,16 @@ def full_trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def load_trained_state(model: nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
-    """A training checkpoint's full tensors (trainable parameters, as the runner writes them) into
-    a sharded model, each rank keeping its own shard: every key must be a parameter of the model
-    and every trainable parameter must be there (the rules of checkpoint.load_trained_state)."""
+def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:
+    """`value`, a full tensor, into `target` in its dtype; a sharded target (a DTensor) takes its own
+    shard of it (a collective: every rank copies the same tensors in the same order)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    params = dict(resharded(model).named_parameters())
-    unknown = sorted(set(state) - set(params))
-    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
-    if unknown or missing:
-        raise KeyError(f"{source}: does not fit the sharded {type(model).__name__}: "
-                       f"unknown keys {unknown[:10]}, missing trainable parameters {missing[:10]}")
-    with torch.no_grad():
-        for name, value in state.items():
-            param = params[name]
-            if tuple(value.shape) != tuple(param.shape):
-                raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, the model's is {tuple(param.shape)}")
-            if isinstance(param, DTensor):
-                shard = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements)
-                param.to_local().copy_(shard.to_local())
-            else:
-                param.copy_(value)
-    logger.info("loaded %d trained tensors from %s into the sharded model", len(state), source)
+    value = value.to(target.dtype)
+    if isinstance(target, DTensor):
+        target.to_local().copy_(distribute_tensor(value, target.device_mesh, target.placements).to_local())
+    else:
+        target.copy_(value)
 
 
 def local_bytes(module: nn.Module) -> int:

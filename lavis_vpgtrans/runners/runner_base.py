@@ -9,6 +9,13 @@ whose RunnerBase it extends through private members that a later LAVIS may renam
   - also overridden: `setup_output_dir`, `create_loaders`, `train`, `train_epoch`,
     `eval_epoch`, `evaluate` and the properties `model`, `scaler`, `dataloaders`, `max_epoch`.
 
+The loop is here; our other concerns each have a module, mixed into PortableRunner:
+  model_setup.py       the model setup step: activation checkpointing -> sharding -> device -> DDP,
+                       run when the runner is built and at a stage switch (`model`, `prepare_model`)
+  save_resume.py       checkpoints and resuming (`_save_checkpoint`, `_load_checkpoint`, ...)
+  extra_validation.py  run.extra_validation: more benchmarks validated every epoch
+  loaders.py           the data loaders (`dataloaders`, `create_loaders`)
+
 Fixes, each where LAVIS 1.0.2 breaks:
   - `model` returned None when the model was already on its device (e.g. device: cpu);
   - dist.barrier() ran unguarded after every epoch (crashes without a process group);
@@ -25,7 +32,6 @@ a subclass adds in `epoch_record`); the paper's epoch count is the analysis's bu
 """
 
 import datetime
-import functools
 import importlib.metadata
 import json
 import logging
@@ -34,30 +40,20 @@ import os
 import random
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
-
 import torch
 import torch.distributed as dist
-import webdataset as wds
-from lavis.common.dist_utils import (get_rank, get_world_size, is_dist_avail_and_initialized,
-                                     is_main_process, main_process)
+from lavis.common.dist_utils import get_rank, is_dist_avail_and_initialized, main_process
 from lavis.common.registry import registry
-from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
-from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
 from lavis.runners.runner_base import RunnerBase
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data.dataset import ChainDataset
 
-from lavis_vpgtrans.common import sharding
-from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_trained_state, save_checkpoint_atomic,
-                                              trainable_state)
-from lavis_vpgtrans.common.config import PluginConfig
 from lavis_vpgtrans.common.dist import from_rank0
-from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, new_run_id, run_ids_in
-
+from lavis_vpgtrans.runners.extra_validation import ExtraValidation
+from lavis_vpgtrans.runners.loaders import Loaders
+from lavis_vpgtrans.runners.model_setup import ModelSetup
+from lavis_vpgtrans.runners.run_record import METRICS_FILE, new_run_id
+from lavis_vpgtrans.runners.save_resume import SaveResume
 
 LAVIS_VERSION = "1.0.2"  # the salesforce-lavis whose RunnerBase internals this runner relies on
 
@@ -71,16 +67,6 @@ def require_lavis(found=None) -> None:
                            f"install salesforce-lavis=={LAVIS_VERSION}")
 
 
-def _without_skipped(collate, samples):
-    return collate([s for s in samples if s is not None])
-
-
-def _dropping_skipped(collate):
-    """A collate function that drops the samples a dataset skipped (None, run.skip_bad_samples),
-    also where LAVIS's ConcatDataset.collater (several training sets) would fail on them."""
-    return None if collate is None else functools.partial(_without_skipped, collate)
-
-
 def job_dir_of(run_cfg, job_id) -> Path:
     """<run.output_dir>/<job_id>, a relative output_dir taken from the working directory."""
     output_dir = Path(run_cfg.output_dir).expanduser()
@@ -90,14 +76,12 @@ def job_dir_of(run_cfg, job_id) -> Path:
 
 
 @registry.register_runner("runner_vpgtrans_base")
-class PortableRunner(RunnerBase):
+class PortableRunner(ModelSetup, SaveResume, ExtraValidation, Loaders, RunnerBase):
     """Epoch-based training and evaluation with LAVIS's loop, on any device."""
-
 
     def __init__(self, cfg, task, model, datasets, job_id):
         require_lavis()
         self._train_samplers = []  # filled by create_loaders, epoch set by train_epoch
-        self._checkpointing_applied = False  # run.activation_checkpointing, applied once
         # what the loop decides with; saved in every checkpoint and restored on resume
         self.best_agg_metric, self.best_epoch = -math.inf, 0
         self.run_id = new_run_id(job_id)  # a resumed run takes its checkpoint's
@@ -106,6 +90,7 @@ class PortableRunner(RunnerBase):
         # training sets of a recipe, e.g. COCO train + SBU beside COCO val, are not part of it)
         validated = [name for name, splits in datasets.items() if set(self.valid_splits) & set(splits)]
         self.benchmark_name = "+".join(validated or self.config.datasets_cfg.keys())
+        self.prepare_model()
 
     # ------------------------------------------------------------------ setup
 
@@ -119,54 +104,6 @@ class PortableRunner(RunnerBase):
         registry.mapping["paths"]["output_dir"] = str(output_dir)
         self.result_dir = result_dir
         self.output_dir = output_dir
-
-    @property
-    def sharding_config(self):
-        """`run.fsdp` (common/sharding.py), or None: plain DDP."""
-        return sharding.ShardingConfig.parse(self.config.run_cfg.get("fsdp", None))
-
-    @property
-    def checkpointing_config(self):
-        """`run.activation_checkpointing` (common/sharding.py), or None."""
-        return sharding.CheckpointingConfig.parse(self.config.run_cfg.get("activation_checkpointing", None))
-
-    @property
-    def model(self):
-        """The model on its device: wrapped in DDP when distributed, or with `run.fsdp` sharded in
-        place (once: a stage switch changes which parameters train, not the sharding)."""
-        first = self._wrapped_model is None and not sharding.is_sharded(self._model)
-        if self.checkpointing_config is not None and not self._checkpointing_applied:
-            sharding.apply_activation_checkpointing(self._model, self.checkpointing_config)
-            self._checkpointing_applied = True
-            logging.info("run.activation_checkpointing: %s", self.checkpointing_config)
-        if first and self.sharding_config is not None:
-            if not self.use_distributed:
-                raise ValueError("run.fsdp shards the model over the processes of a distributed run: "
-                                 "launch with torchrun (or remove run.fsdp)")
-            from torch.distributed.device_mesh import init_device_mesh
-
-            # sharded where it sits, then moved: a rank never holds the whole LLM on its device
-            mesh = init_device_mesh(self.device.type, (get_world_size(),))
-            sharding.shard_model(self._model, self.sharding_config, mesh=mesh)
-            logging.info("run.fsdp: %s", self.sharding_config)
-        if self._model.device != self.device:
-            self._model = self._model.to(self.device)
-        if sharding.is_sharded(self._model):
-            # parameters sharded again after an evaluation: the optimizer is built from these
-            self._wrapped_model = sharding.resharded(self._model)
-        elif self._wrapped_model is None:
-            if self.use_distributed:
-                device_ids = [self.config.run_cfg.gpu] if self.cuda_enabled else None
-                self._wrapped_model = DDP(self._model, device_ids=device_ids)
-            else:
-                self._wrapped_model = self._model
-        if first and hasattr(self._model, "llm_model"):
-            logging.info("this rank holds %d bytes of the LLM's weights and buffers",
-                         sharding.local_bytes(self._model.llm_model))
-        return self._wrapped_model
-
-    def unwrap_dist_model(self, model):
-        return model.module if isinstance(model, DDP) else model
 
     @property
     def scaler(self):
@@ -257,7 +194,10 @@ class PortableRunner(RunnerBase):
             model = self._reload_best_model(model)
         model.eval()
         self.task.before_evaluation(model=model, dataset=self.datasets[split_name])
-        results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+        try:
+            results = self.task.evaluation(model, data_loader, cuda_enabled=self.cuda_enabled)
+        finally:
+            self.reshard_after_evaluation()
         if results is None:
             return None
         return self.task.after_evaluation(val_result=results, split_name=split_name, epoch=cur_epoch)
@@ -325,9 +265,6 @@ class PortableRunner(RunnerBase):
         and the epoch's checkpoints (runner_vpgtrans: its stage)."""
         return {}
 
-    # ------------------------------------------------------------------ validation
-
-
     @main_process
     def log_metrics(self, epoch, benchmark, split, metrics):
         """One line of metrics.jsonl, read by lavis_vpgtrans.analysis.speedup."""
@@ -337,258 +274,3 @@ class PortableRunner(RunnerBase):
                                if isinstance(v, (int, float)) and not isinstance(v, bool)}}
         with open(os.path.join(self.output_dir, METRICS_FILE), "a") as f:
             f.write(json.dumps(record) + "\n")
-
-    @property
-    def extra_benchmarks(self):
-        """`run.extra_validation`: [{name, cfg_path, split}] of evaluation configs (their task,
-        datasets and generation settings; their model section is not used) run every epoch."""
-        if not hasattr(self, "_extra_benchmarks"):
-            self._extra_benchmarks = []
-            for entry in self.config.run_cfg.get("extra_validation", None) or []:
-                self._extra_benchmarks.append(self._build_benchmark(entry))
-        return self._extra_benchmarks
-
-    def _build_benchmark(self, entry):
-        from lavis import tasks
-        from omegaconf import OmegaConf
-
-        for key in ("name", "cfg_path"):
-            if key not in entry:
-                raise KeyError(f"run.extra_validation entry {dict(entry)} has no {key!r}")
-        # relative to the working directory, or else to the directory of the run's config
-        main_cfg_dir = os.path.dirname(os.path.abspath(self.config.args.cfg_path))
-        candidates = [entry.cfg_path, os.path.join(main_cfg_dir, entry.cfg_path)]
-        cfg_path = next((c for c in candidates if os.path.isfile(c)), None)
-        if cfg_path is None:
-            raise FileNotFoundError(f"run.extra_validation {entry.name!r}: no config at {' or '.join(candidates)}")
-        raw = OmegaConf.load(cfg_path)
-        raw = OmegaConf.merge(raw, {"datasets": entry.get("datasets", {}) or {}})
-        run_cfg = OmegaConf.merge(raw.run, entry.get("run", {}) or {})
-        cfg = SimpleNamespace(run_cfg=run_cfg, datasets_cfg=PluginConfig.build_dataset_config(raw).datasets)
-        task = tasks.setup_task(cfg)
-        datasets = task.build_datasets(cfg)
-        split = entry.get("split", None) or (list(run_cfg.get("test_splits", [])) or ["val"])[0]
-        dataset = [d[split] for d in datasets.values()]
-        if len(dataset) != 1:
-            raise ValueError(f"run.extra_validation {entry.name!r}: expected one dataset, got {list(datasets)}")
-        loader = self.create_loaders([dataset[0]], num_workers=self.config.run_cfg.num_workers,
-                                     batch_sizes=[self.config.run_cfg.batch_size_eval], is_trains=[False],
-                                     collate_fns=[getattr(dataset[0], "collater", None)])[0]
-        return SimpleNamespace(name=entry.name, task=task, split=split, dataset=dataset[0], loader=loader)
-
-    @torch.no_grad()
-    def validate_extra_benchmarks(self, epoch):
-        if not self.extra_benchmarks:
-            return
-        model = self.unwrap_dist_model(self.model)
-        model.eval()
-        result_dir = registry.get_path("result_dir")
-        for bench in self.extra_benchmarks:
-            # each benchmark's result files in its own folder: tasks name them by split only
-            registry.mapping["paths"]["result_dir"] = os.path.join(result_dir, bench.name)
-            os.makedirs(registry.get_path("result_dir"), exist_ok=True)
-            try:
-                bench.task.before_evaluation(model=model, dataset=bench.dataset)
-                results = bench.task.evaluation(model, bench.loader, cuda_enabled=self.cuda_enabled)
-                metrics = bench.task.after_evaluation(val_result=results, split_name=bench.split, epoch=epoch)
-            finally:
-                registry.mapping["paths"]["result_dir"] = result_dir
-            if metrics is not None and is_main_process():
-                self.log_metrics(epoch, bench.name, bench.split, metrics)
-                self.log_stats({**metrics, "epoch": epoch}, f"val_{bench.name}")
-
-    # ------------------------------------------------------------------ data
-
-    @property
-    def dataloaders(self) -> dict:
-        """As LAVIS: datasets grouped by split, the training sets concatenated (map-style) or
-        chained (webdataset) -- or, with `run.train_dataset_ratios` {name: ratio}, sampled
-        from by those ratios."""
-        if self._dataloaders is None:
-            ratios = self.config.run_cfg.get("train_dataset_ratios", None)
-            train_ratios = None
-            if ratios is not None:
-                names = [n for n, splits in self.datasets.items() if "train" in splits]
-                missing, unexpected = set(ratios) - set(names), set(names) - set(ratios)
-                if missing or unexpected:
-                    raise ValueError(f"run.train_dataset_ratios {dict(ratios)} must name exactly the "
-                                     f"training datasets {names}")
-                train_ratios = [float(ratios[n]) for n in names]
-            by_split = reorg_datasets_by_split(self.datasets)
-            train_list = by_split.pop("train", None) if ratios is not None else None
-            self.datasets = concat_datasets(by_split)
-            if train_list is not None:
-                self.datasets["train"] = train_list if len(train_list) > 1 else train_list[0]
-
-            split_names = sorted(self.datasets)
-            datasets = [self.datasets[s] for s in split_names]
-            collate_fns = [[getattr(d, "collater", None) for d in ds] if isinstance(ds, (list, tuple))
-                           else _dropping_skipped(getattr(ds, "collater", None)) for ds in datasets]
-            loaders = self.create_loaders(
-                datasets=datasets, num_workers=self.config.run_cfg.num_workers,
-                batch_sizes=[self.config.run_cfg.batch_size_train if s == "train"
-                             else self.config.run_cfg.batch_size_eval for s in split_names],
-                is_trains=[s in self.train_splits for s in split_names],
-                collate_fns=collate_fns, dataset_ratios=train_ratios)
-            self._dataloaders = dict(zip(split_names, loaders))
-        return self._dataloaders
-
-    def create_loaders(self, datasets, num_workers, batch_sizes, is_trains, collate_fns,
-                       dataset_ratios=None):
-        """LAVIS's loader construction, except: the CUDA prefetcher only on CUDA; training
-        samplers are seeded DistributedSamplers (also for one process) whose epoch the runner
-        sets, so the data order is a function of (seed, epoch); a single map-style training
-        set is iterated afresh each epoch (LAVIS's IterLoader only for mixtures, which
-        sample from several loaders)."""
-        def _create_loader(dataset, bsz, is_train, collate_fn, infinite):
-            if isinstance(dataset, (ChainDataset, wds.DataPipeline)):
-                # webdataset pipelines shard, shuffle and collate themselves
-                return iter(DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
-                                       pin_memory=self.cuda_enabled))
-            sampler = None
-            if is_train:
-                sampler = DistributedSampler(dataset, shuffle=True, num_replicas=get_world_size(),
-                                             rank=get_rank(), seed=int(self.config.run_cfg.seed))
-                self._train_samplers.append(sampler)
-            elif self.use_distributed and self.use_dist_eval_sampler:
-                sampler = DistributedSampler(dataset, shuffle=False, num_replicas=get_world_size(),
-                                             rank=get_rank())
-            loader = DataLoader(dataset, batch_size=bsz, num_workers=num_workers,
-                                pin_memory=self.cuda_enabled, sampler=sampler, collate_fn=collate_fn,
-                                drop_last=is_train)
-            if self.cuda_enabled:
-                loader = PrefetchLoader(loader)
-            if is_train and infinite:
-                loader = IterLoader(loader, use_distributed=True)  # True: it calls set_epoch
-            return loader
-
-        loaders = []
-        for dataset, bsz, is_train, collate_fn in zip(datasets, batch_sizes, is_trains, collate_fns):
-            if isinstance(dataset, (list, tuple)):
-                loaders.append(MultiIterLoader(
-                    loaders=[_create_loader(d, bsz, is_train, collate_fn[i], infinite=True)
-                             for i, d in enumerate(dataset)],
-                    ratios=dataset_ratios))
-            else:
-                loaders.append(_create_loader(dataset, bsz, is_train, collate_fn,
-                                              infinite=self.infinite_train_loader))
-        return loaders
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def trainable_state_dict(self):
-        """Trainable parameters only: no frozen ViT / LLM, no buffers, no tied copies. Full
-        tensors also when sharded (gathered: then every rank must call this)."""
-        model = self.unwrap_dist_model(self.model)
-        if sharding.is_sharded(model):
-            return sharding.full_trainable_state(model)
-        return {n: v.cpu() for n, v in trainable_state(model).items()}
-
-    def optimizer_state_dict(self):
-        """The optimizer's state; when sharded, with full tensors keyed by parameter name (gathered on
-        rank 0: every rank must call this)."""
-        model = self.unwrap_dist_model(self.model)
-        if sharding.is_sharded(model):
-            return sharding.full_optimizer_state(model, self.optimizer)
-        return self.optimizer.state_dict()
-
-    def _save_checkpoint(self, cur_epoch, is_best=False, validated=False):
-        """Written by rank 0, atomically; every rank calls it (a sharded model is gathered first)."""
-        sharded = sharding.is_sharded(self.unwrap_dist_model(self.model))
-        if not (sharded or is_main_process()):
-            return
-        model_state, optimizer_state = self.trainable_state_dict(), self.optimizer_state_dict()
-        if not is_main_process():
-            return
-        save_obj = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "optimizer_layout": "full_state_dict" if sharded else "torch",
-            "config": self.config.to_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler else None,
-            "epoch": cur_epoch,
-            **self.epoch_record(cur_epoch),
-            "iters": (cur_epoch + 1) * (self.iters_per_inner_epoch or len(self.train_loader)),
-            "loop": {"run_id": self.run_id, "validated": bool(validated), "best_epoch": self.best_epoch,
-                     "best_agg_metric": None if self.best_agg_metric == -math.inf else float(self.best_agg_metric)},
-        }
-        save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
-        logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
-        save_checkpoint_atomic(save_obj, save_to)
-
-    def load_trained_weights(self, model, state, source):
-        """A checkpoint's trainable weights (full tensors) into the model, sharded or not."""
-        if sharding.is_sharded(model):
-            sharding.load_trained_state(model, state, source)
-        else:
-            load_trained_state(model, state, source)
-
-    def prepare_resume(self, checkpoint):
-        """Hook: put the runner in the checkpoint's state before its weights are loaded."""
-
-    def _reload_best_model(self, model):
-        checkpoint_path = os.path.join(self.output_dir, "checkpoint_best.pth")
-        logging.info("Loading checkpoint from %s.", checkpoint_path)
-        self.load_trained_weights(model, load_checkpoint_file(checkpoint_path)["model"], checkpoint_path)
-        return model
-
-    def _load_checkpoint(self, url_or_filename) -> bool:
-        """Resume: model (trainable part), optimizer, scaler, epoch and the loop's state (run id,
-        best score, whether the epoch was validated). Returns True when the checkpoint's epoch
-        must be validated again (its validation did not finish)."""
-        checkpoint = load_checkpoint_file(url_or_filename)
-        self.prepare_resume(checkpoint)
-        model = self.unwrap_dist_model(self.model)
-        self.load_trained_weights(model, checkpoint["model"], url_or_filename)
-        layout = checkpoint.get("optimizer_layout", "torch")
-        if layout != ("full_state_dict" if sharding.is_sharded(model) else "torch"):
-            raise ValueError(f"{url_or_filename}: its optimizer state was saved {'with' if layout == 'full_state_dict' else 'without'} "
-                             f"run.fsdp; resume it {'with' if layout == 'full_state_dict' else 'without'} run.fsdp "
-                             f"(its weights load either way, e.g. as vpg_checkpoint / projector_checkpoint)")
-        if layout == "full_state_dict":
-            sharding.load_full_optimizer_state(model, self.optimizer, checkpoint["optimizer"])
-        else:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
-        if self.scaler and checkpoint.get("scaler"):
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.resumed_epoch = int(checkpoint["epoch"])
-        loop = checkpoint.get("loop", None)
-        if loop is None:
-            logging.warning("%s predates the loop state in checkpoints: its best score is unknown, so the "
-                            "first epoch after resuming becomes checkpoint_best.pth", url_or_filename)
-            revalidate = False
-        else:
-            self.run_id = loop["run_id"]
-            self.best_epoch = int(loop["best_epoch"])
-            best = loop["best_agg_metric"]
-            self.best_agg_metric = -math.inf if best is None else float(best)
-            revalidate = not loop["validated"] and self.validates
-        self.start_epoch = self.resumed_epoch + (0 if revalidate else 1)
-        self._check_metrics_run_id()
-        logging.info("Resume checkpoint from %s (run %s, epoch %d%s; best %s at epoch %d)", url_or_filename,
-                     self.run_id, self.resumed_epoch, ", to validate again" if revalidate else "",
-                     self.best_agg_metric, self.best_epoch)
-        return revalidate
-
-    def _check_metrics_run_id(self):
-        """A resumed run appends to metrics.jsonl only where it holds this run's records
-        (checked by rank 0, which writes it; every rank raises)."""
-        error = None
-        if is_main_process():
-            path = os.path.join(self.output_dir, METRICS_FILE)
-            others = [i for i in run_ids_in(path) if i != self.run_id]
-            if others:
-                error = (f"{path} holds run(s) {', '.join(others) or '(no run id)'}, but the checkpoint resumed "
-                         f"is run {self.run_id}: resume into another run.output_dir or run.job_id")
-        error = from_rank0(error)
-        if error:
-            raise RunDirError(error)
-
-    def _check_resume_fits(self):
-        if self.resumed_epoch >= self.max_epoch:
-            raise ValueError(f"run.resume_ckpt_path={self.resume_ckpt_path} is epoch {self.resumed_epoch} "
-                             f"(0-based) but run.max_epoch={self.max_epoch}: there is nothing to train; "
-                             f"raise run.max_epoch to continue the run")
-        if self.start_epoch >= self.max_epoch:
-            logging.warning("the resumed checkpoint is the last epoch (run.max_epoch=%d), already validated: "
-                            "nothing to train, only the test splits run", self.max_epoch)

@@ -8,8 +8,8 @@
       tokens, ln_vision) and projector train jointly with the normal schedule (lr_sched,
       e.g. linear warm-up to init_lr then cosine to min_lr), counted from the stage's start.
 
-At the switch the trainable set changes, so the optimizer, the lr scheduler and the DDP
-wrapper are rebuilt. Checkpoints carry their stage; resuming enters that stage first.
+At the switch the trainable set changes, so the optimizer and the lr scheduler are rebuilt and
+the model set up again (model_setup.py: a new DDP wrapper). Checkpoints carry their stage; resuming enters that stage first.
 With warmup_epochs: 0 the runner is plain stage-2 training (the train-from-scratch and
 VPG-inherit baselines); with warmup_epochs = max_epoch it is stage 1 alone. metrics.jsonl
 records each epoch's stage; the paper's epoch count (the whole stage 1 is epoch 1, and a
@@ -80,8 +80,9 @@ class VPGTransRunner(PortableRunner):
         if stage == self.stage:
             return
         self._model.set_trainable(train_vpg=(stage == 2))
-        # a new trainable set: new optimizer, schedule and DDP wrapper
-        self._wrapped_model, self._optimizer, self._lr_sched = None, None, None
+        # a new trainable set: new optimizer and schedule, the model set up for it (DDP)
+        self._optimizer, self._lr_sched = None, None
+        self.prepare_model()
         self.stage = stage
         trainable = sum(p.numel() for p in self._model.parameters() if p.requires_grad)
         logging.info("VPGTrans stage %d: %s train (%d parameters)", stage,

@@ -204,7 +204,8 @@ def test_the_check_adds_no_host_read_per_step(plugin, monkeypatch):
 
 
 def test_nonfinite_keys_walk_nested_states_in_order():
-    from lavis_vpgtrans.common.finite import check_finite_state, first_nonfinite, nonfinite_keys
+    from lavis_vpgtrans.common.checkpoint import check_finite_state
+    from lavis_vpgtrans.common.finite import first_nonfinite, nonfinite_keys
 
     state = {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, NAN]), "n": torch.tensor([3])},
              "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("-inf")]), "step": torch.tensor(2.0)}}}}
@@ -213,6 +214,36 @@ def test_nonfinite_keys_walk_nested_states_in_order():
     with pytest.raises(Exception, match=r"ck.pth: checkpoint holds non-finite values \(NaN or inf\) in 'model.b' "
                                         r"\(and 1 more tensor\(s\)\): refused"):
         check_finite_state(state, "ck.pth")
+
+
+def test_a_state_with_nan_is_refused_at_load_naming_the_file_and_the_key(tmp_path):
+    """load_state_with_report: every model load (vpg_checkpoint, projector_checkpoint, finetuned and
+    so export --checkpoint, pformer_checkpoint, the resumed weights) goes through it."""
+    from lavis_vpgtrans.common.checkpoint import CheckpointError, load_state_with_report
+
+    module = nn.Linear(2, 2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    state = {"weight": torch.ones(2, 2), "bias": torch.tensor([0.0, float("inf")])}
+    with pytest.raises(CheckpointError, match=r"ck.pth: checkpoint holds non-finite values \(NaN or inf\) in 'bias'"):
+        load_state_with_report(module, state, "ck.pth")
+    assert all(torch.equal(module.state_dict()[k], v) for k, v in before.items())  # nothing loaded
+    # what a load drops by design is not its business
+    load_state_with_report(module, {**state, "bias": torch.zeros(2), "unused": torch.tensor([NAN])}, "ck.pth",
+                           drop=lambda k: k == "unused")
+
+
+def test_a_checkpoint_with_nan_is_never_written(tmp_path):
+    from lavis_vpgtrans.common.checkpoint import NonFiniteCheckpointError, save_checkpoint_atomic
+
+    path = tmp_path / "checkpoint_best.pth"
+    save_checkpoint_atomic({"model": {"w": torch.ones(2)}, "epoch": 0}, str(path))
+    before = digest(path)
+    for bad in ({"model": {"w": torch.tensor([1.0, NAN])}},
+                {"model": {"w": torch.ones(2)}, "optimizer": {"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}}):
+        with pytest.raises(NonFiniteCheckpointError, match=r"checkpoint_best.pth: .*not written"):
+            save_checkpoint_atomic(bad, str(path))
+        assert digest(path) == before
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint_best.pth"]  # no temporary left
 
 
 def test_the_converter_refuses_a_nan_projector_naming_the_key(tmp_path, toy_zoo, capsys):
@@ -297,19 +328,66 @@ def good_run(tmp_path_factory, toy_zoo):
     return out, out / "run"
 
 
+def test_a_nan_projector_checkpoint_is_refused_at_load_naming_the_key(good_run, tmp_path):
+    _, job = good_run
+    state = torch.load(job / "checkpoint_0.pth", weights_only=True)["model"]
+    projector = {k: v.clone() for k, v in state.items() if k.startswith("opt_proj.")}
+    projector["opt_proj.bias"][3] = NAN
+    path = tmp_path / "nan_projector.pth"
+    torch.save({"model": projector}, path)
+    proc = train_py(tmp_path, "nanproj", f"model.projector_checkpoint={path}")
+    assert proc.returncode != 0
+    assert f"{path}: checkpoint holds non-finite values (NaN or inf) in 'opt_proj.bias': refused" in proc.stderr, \
+        proc.stderr[-4000:]
+    assert not (tmp_path / "nanproj").exists() or not list((tmp_path / "nanproj").glob("*.pth"))
+
+    # a resumed checkpoint: its optimizer state too
+    resumed = torch.load(job / "checkpoint_0.pth", weights_only=True)
+    first = next(iter(resumed["optimizer"]["state"]))
+    resumed["optimizer"]["state"][first]["exp_avg"].view(-1)[0] = float("inf")
+    bad = tmp_path / "bad_resume.pth"
+    torch.save(resumed, bad)
+    proc = train_py(tmp_path, "badresume", f"run.resume_ckpt_path={bad}", "run.max_epoch=2")
+    assert proc.returncode != 0
+    assert f"{bad}: checkpoint holds non-finite values (NaN or inf) in 'optimizer.state.{first}.exp_avg'" in proc.stderr, \
+        proc.stderr[-4000:]
+
+
+def test_vpg_checkpoint_and_the_exports_checkpoint_with_nan_are_refused(good_run, tmp_path, plugin):
+    from helpers import load_tiny
+
+    from lavis_vpgtrans.common.checkpoint import NonFiniteCheckpointError
+    from lavis_vpgtrans.export import main as export_main
+
+    _, job = good_run
+    ckpt = torch.load(job / "checkpoint_0.pth", weights_only=True)
+    ckpt["model"]["Qformer.bert.encoder.layer.0.attention.self.query.weight"][0, 0] = NAN
+    path = tmp_path / "nan.pth"
+    torch.save(ckpt, path)
+    model = load_tiny("blip2_opt_transfer", "tiny_opt_small")
+    with pytest.raises(NonFiniteCheckpointError, match=rf"{path}: checkpoint holds non-finite values \(NaN or inf\) "
+                                                       r"in 'Qformer.bert.encoder.layer.0.attention.self.query.weight'"):
+        model.load_vpg(str(path))
+    with pytest.raises(NonFiniteCheckpointError, match="'Qformer.bert.encoder.layer.0.attention.self.query.weight'"):
+        export_main(["--model-arch", "blip2_opt_transfer", "--model-type", "tiny_opt_small", "--checkpoint", str(path),
+                     "--out", str(tmp_path / "hf")])
+    assert not (tmp_path / "hf").exists()
+
+
 def test_a_diverging_lr_stops_and_keeps_the_last_good_checkpoint(good_run):
     out, job = good_run
     before = {name: digest(job / name) for name in ("checkpoint_0.pth", "checkpoint_best.pth")}
     proc = train_py(out, "run", f"run.resume_ckpt_path={job / 'checkpoint_0.pth'}", "run.max_epoch=2",
-                    "run.init_lr=1e8")
+                    "run.init_lr=1e8", "run.max_nonfinite_steps=2")
     assert proc.returncode != 0
     err = proc.stderr
     assert "NonFiniteLossError: training stopped" in err
     skipped = [int(s) for s in re.findall(r"non-finite loss at step (\d+) \(epoch 1", err)]
     stop = re.search(r"from step (\d+) \(epoch 1, iteration \d+ of 40\) to step (\d+) \(epoch 1", err)
     assert skipped and stop, err[-4000:]
-    # stopped within run.max_nonfinite_steps (3) steps of the first non-finite loss, naming the term
-    assert int(stop.group(1)) == skipped[0] and int(stop.group(2)) == skipped[0] + 2
+    # stopped within run.max_nonfinite_steps (2) steps of the first non-finite loss, naming the term
+    assert "non-finite for 2 consecutive steps (run.max_nonfinite_steps=2)" in err
+    assert int(stop.group(1)) == skipped[0] and int(stop.group(2)) == skipped[0] + 1
     assert re.search(r"At step \d+ .*non-finite loss term\(s\): loss_lm \(LM\)", err)
     assert "lower the lr" in err
     # nothing written: the last good checkpoint and the best are the ones from before

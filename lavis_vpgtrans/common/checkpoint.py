@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, List, NamedTuple
 import torch
 
 from lavis_vpgtrans.common import sharding
+from lavis_vpgtrans.common.finite import NonFiniteError, nonfinite_keys
 from lavis_vpgtrans.common.paths import resolve_path
 
 logger = logging.getLogger(__name__)
@@ -25,6 +26,27 @@ logger = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
     """A checkpoint does not fit the model: the message names the file and the keys."""
+
+
+class NonFiniteCheckpointError(CheckpointError, NonFiniteError):
+    """A checkpoint read, or about to be written, holds NaN or inf."""
+
+
+def check_finite_state(state, source: str, what: str = "checkpoint", writing: bool = False) -> None:
+    """Raises NonFiniteCheckpointError naming `source` and the first key (a dotted path in nested
+    states, e.g. "optimizer.state.3.exp_avg") whose tensor holds NaN or inf."""
+    keys = nonfinite_keys(state)
+    if not keys:
+        return
+    where = f"non-finite values (NaN or inf) in {keys[0]!r}" + (
+        f" (and {len(keys) - 1} more tensor(s))" if len(keys) > 1 else "")
+    if writing:
+        raise NonFiniteCheckpointError(
+            f"{source}: not written: {what} would hold {where}; the file keeps what it held before (the last "
+            f"good checkpoint: resume from it)")
+    raise NonFiniteCheckpointError(
+        f"{source}: {what} holds {where}: refused. It was written by a run that diverged, or damaged; use an "
+        f"earlier checkpoint")
 
 
 def _local_path(url_or_path: str) -> str:
@@ -107,7 +129,9 @@ def save_checkpoint_atomic(obj: Dict, path: str) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename: a crash
     mid-write never leaves a truncated file under `path`, and a power loss after the rename
     does not either. Temporary files are named after their writer's pid; those of writers no
-    longer alive (killed mid-write) are removed here."""
+    longer alive (killed mid-write) are removed here. A checkpoint with NaN or inf (weights,
+    optimizer state) is never written: NonFiniteCheckpointError, and `path` keeps its content."""
+    check_finite_state(obj, path, "the checkpoint", writing=True)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _remove_stale_temporaries(directory)
@@ -192,7 +216,8 @@ def load_state_with_report(
     - keys that `drop` matches are skipped and reported as dropped by design;
     - kept keys the module does not have are an error (unexpected);
     - a shape mismatch is an error naming the key and both shapes;
-    - `required` module keys absent from the file are an error (missing).
+    - `required` module keys absent from the file are an error (missing);
+    - a loaded tensor with NaN or inf is an error naming the key (NonFiniteCheckpointError).
     The module's other keys keep their values. Nothing is loaded unless all checks pass. A
     sharded module (common/sharding.py) takes full tensors too: each rank keeps its shard.
     """
@@ -216,6 +241,7 @@ def load_state_with_report(
         raise CheckpointError(f"{source}: unexpected keys not in the model: {_summarise(report.unexpected)}")
     if report.missing:
         raise CheckpointError(f"{source}: missing keys: {_summarise(report.missing)}")
+    check_finite_state(to_load, source)
     with torch.no_grad():
         for key, value in to_load.items():
             sharding.copy_full_into(own[key], value)

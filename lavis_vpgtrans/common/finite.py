@@ -1,8 +1,8 @@
 """Non-finite values (NaN, inf): found where they appear, refused, and named (issue 22).
 
-- `first_nonfinite` / `check_finite_state`: a state dict (or an optimizer state, nested) with
-  non-finite values is refused, naming the file and the first bad key. Every checkpoint load
-  and write goes through them.
+- `nonfinite_keys` / `first_nonfinite`: the keys of a state dict (or of an optimizer state,
+  nested) that hold non-finite values; common/checkpoint.py's `check_finite_state` refuses such
+  a state, naming the file and the first bad key, in every checkpoint load and write.
 - `NonFiniteGuard`: the training step's check (common/train_loop.py). A step whose loss or
   gradients are non-finite on any rank is skipped, not applied; `max_steps` such steps in a
   row stop the run with a message naming the steps, the epoch, the loss terms and a hint from
@@ -25,8 +25,6 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from lavis_vpgtrans.common.checkpoint import CheckpointError
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NONFINITE_STEPS = 3  # run.max_nonfinite_steps
@@ -42,10 +40,6 @@ LOWER_LR_HINT = "lower the lr (run.init_lr)"
 
 class NonFiniteError(RuntimeError):
     """Non-finite values where they must not be: the message names where."""
-
-
-class NonFiniteCheckpointError(NonFiniteError, CheckpointError):
-    """A checkpoint (read or about to be written) holds NaN or inf."""
 
 
 class NonFiniteLossError(NonFiniteError):
@@ -95,16 +89,6 @@ def nonfinite_keys(state, prefix: str = "") -> List[str]:
 def first_nonfinite(state, prefix: str = "") -> Optional[str]:
     keys = nonfinite_keys(state, prefix)
     return keys[0] if keys else None
-
-
-def check_finite_state(state, source: str, what: str = "checkpoint", prefix: str = "") -> None:
-    """Raises NonFiniteCheckpointError naming `source` and the first key with NaN / inf."""
-    keys = nonfinite_keys(state, prefix)
-    if keys:
-        more = f" (and {len(keys) - 1} more tensor(s))" if len(keys) > 1 else ""
-        raise NonFiniteCheckpointError(
-            f"{source}: {what} holds non-finite values (NaN or inf) in {keys[0]!r}{more}: refused. It was "
-            f"written by a run that diverged, or damaged; use an earlier checkpoint")
 
 
 # ---------------------------------------------------------------------------- the training step

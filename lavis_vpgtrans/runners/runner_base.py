@@ -24,7 +24,9 @@ Fixes, each where LAVIS 1.0.2 breaks:
   - relative output_dir landed inside site-packages/lavis, and a second runner in one
     process died re-registering its paths;
   - checkpoints leaked tied / frozen weights and buffers, were written non-atomically, and
-    were read back with pickle and a silent strict=False fallback.
+    were read back with pickle and a silent strict=False fallback;
+  - a NaN loss trained NaN weights and saved them as the best checkpoint: the training step is
+    checked (common/train_loop.py, run.max_nonfinite_steps) and nothing non-finite is written.
 
 The runner records epochs (metrics.jsonl: run id, epoch, benchmark, split, metrics, plus what
 a subclass adds in `epoch_record`); the paper's epoch count is the analysis's business
@@ -49,6 +51,7 @@ from lavis.common.registry import registry
 from lavis.runners.runner_base import RunnerBase
 
 from lavis_vpgtrans.common.dist import from_rank0
+from lavis_vpgtrans.common.finite import DEFAULT_MAX_NONFINITE_STEPS, NonFiniteGuard
 from lavis_vpgtrans.runners.extra_validation import ExtraValidation
 from lavis_vpgtrans.runners.loaders import Loaders
 from lavis_vpgtrans.runners.model_setup import ModelSetup
@@ -90,6 +93,9 @@ class PortableRunner(ModelSetup, SaveResume, ExtraValidation, Loaders, RunnerBas
         # training sets of a recipe, e.g. COCO train + SBU beside COCO val, are not part of it)
         validated = [name for name, splits in datasets.items() if set(self.valid_splits) & set(splits)]
         self.benchmark_name = "+".join(validated or self.config.datasets_cfg.keys())
+        # the training step's non-finite check (common/train_loop.py); its count spans epochs
+        self.task.nonfinite_guard = NonFiniteGuard(
+            self.config.run_cfg.get("max_nonfinite_steps", DEFAULT_MAX_NONFINITE_STEPS))
         self.prepare_model()
 
     # ------------------------------------------------------------------ setup

@@ -8,6 +8,10 @@ what a subclass records about it (`epoch_record`: runner_vpgtrans's stage) and t
 (common/checkpoint.py). Weights load by the one set of rules of
 common/checkpoint.load_trained_state, into a sharded model or not.
 
+Nothing non-finite is written or resumed: a checkpoint with NaN or inf is not written (every rank
+stops; checkpoint_best.pth and the last checkpoint_N.pth keep their good content), and one read
+for resuming is refused naming the first bad key (common/checkpoint.check_finite_state).
+
 Resuming restores all of it: the run continues as one run (same run id in metrics.jsonl, same
 best checkpoint), and an epoch whose validation did not finish is validated again.
 """
@@ -19,8 +23,8 @@ import os
 from lavis.common.dist_utils import is_main_process
 
 from lavis_vpgtrans.common import sharding
-from lavis_vpgtrans.common.checkpoint import (load_checkpoint_file, load_trained_state, save_checkpoint_atomic,
-                                              trainable_state)
+from lavis_vpgtrans.common.checkpoint import (NonFiniteCheckpointError, check_finite_state, load_checkpoint_file,
+                                              load_trained_state, save_checkpoint_atomic, trainable_state)
 from lavis_vpgtrans.common.dist import from_rank0
 from lavis_vpgtrans.runners.run_record import METRICS_FILE, RunDirError, run_ids_in
 
@@ -45,13 +49,21 @@ class SaveResume:
         return self.optimizer.state_dict()
 
     def _save_checkpoint(self, cur_epoch, is_best=False, validated=False):
-        """Written by rank 0, atomically; every rank calls it (a sharded model is gathered first)."""
+        """Written by rank 0, atomically; every rank calls it (a sharded model is gathered first).
+        A checkpoint with NaN or inf is not written (the file keeps the last good one) and every
+        rank stops on it."""
+        refused = from_rank0(self._write_checkpoint(cur_epoch, is_best, validated))
+        if refused:
+            raise NonFiniteCheckpointError(refused)
+
+    def _write_checkpoint(self, cur_epoch, is_best, validated):
+        """Rank 0 writes; the error of a refused (non-finite) checkpoint, else None."""
         sharded = sharding.is_sharded(self.unwrap_dist_model(self.model))
         if not (sharded or is_main_process()):
-            return
+            return None
         model_state, optimizer_state = self.trainable_state_dict(), self.optimizer_state_dict()
         if not is_main_process():
-            return
+            return None
         save_obj = {
             "model": model_state,
             "optimizer": optimizer_state,
@@ -66,7 +78,11 @@ class SaveResume:
         }
         save_to = os.path.join(self.output_dir, "checkpoint_{}.pth".format("best" if is_best else cur_epoch))
         logging.info("Saving checkpoint at epoch %s to %s.", cur_epoch, save_to)
-        save_checkpoint_atomic(save_obj, save_to)
+        try:
+            save_checkpoint_atomic(save_obj, save_to)
+        except NonFiniteCheckpointError as e:
+            return str(e)
+        return None
 
     def prepare_resume(self, checkpoint):
         """Hook: put the runner in the checkpoint's state before its weights are loaded."""
@@ -82,6 +98,7 @@ class SaveResume:
         best score, whether the epoch was validated). Returns True when the checkpoint's epoch
         must be validated again (its validation did not finish)."""
         checkpoint = load_checkpoint_file(url_or_filename)
+        check_finite_state({k: checkpoint.get(k) for k in ("model", "optimizer", "scaler")}, url_or_filename)
         self.prepare_resume(checkpoint)
         model = self.unwrap_dist_model(self.model)
         load_trained_state(model, checkpoint["model"], url_or_filename)

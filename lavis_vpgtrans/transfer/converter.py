@@ -372,7 +372,7 @@ class ConverterConfig:
 
 
 def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Tensor]:
-    from lavis_vpgtrans.common.checkpoint import load_checkpoint_file
+    from lavis_vpgtrans.common.checkpoint import check_finite_state, load_checkpoint_file
 
     state = load_checkpoint_file(cfg.projector)["model"]
     if cfg.src_projector_key:
@@ -382,8 +382,6 @@ def _source_projector(cfg: ConverterConfig) -> Tuple[str, torch.Tensor, torch.Te
     else:
         name = detect_projector_name(state, cfg.projector)
     weight, bias = projector_tensors(state, name, cfg.projector)
-    from lavis_vpgtrans.common.finite import check_finite_state
-
     # a NaN projector merges into a NaN target projector: refused, naming the file and the key
     check_finite_state({f"{name}.weight": weight, f"{name}.bias": bias}, cfg.projector, "the source projector")
     # clone, then drop the checkpoint: a full BLIP-2 checkpoint must not stay in memory

@@ -1,1 +1,3 @@
 """Dataset builders registered with LAVIS."""
+
+from lavis_vpgtrans.datasets import generic  # noqa: F401  registers own_caption / own_vqa

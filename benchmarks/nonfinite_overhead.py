@@ -2,6 +2,10 @@
 ours (common/train_loop.py), on the same model, batch and optimizer, in one process.
 
     VPGTRANS_TOY_ZOO=... python benchmarks/nonfinite_overhead.py [--steps 100] [--rounds 5] [--model-type tiny_opt_small]
+    VPGTRANS_TOY_ZOO=... python -m torch.distributed.run --nproc_per_node=2 benchmarks/nonfinite_overhead.py
+
+Under torchrun the model trains in DDP over gloo (CPU) and the guard all_reduces its flags every
+step; rank 0 prints.
 
 Each round runs `--steps` training steps through each loop, the order alternating; printed: the
 median step time of each loop over the rounds, the difference, the host reads (Tensor.item /
@@ -101,6 +105,14 @@ def main(argv=None):
 
     loops = {"LAVIS": LAVIS_TRAIN_INNER_LOOP, "guarded": guarded_inner_loop}
     model, batch = build(args.model_type)
+    rank = 0
+    if "WORLD_SIZE" in os.environ:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        model = DDP(model)
     load_before = os.getloadavg()
     for loop in loops.values():  # warm-up
         run(loop, model, batch, 10)
@@ -112,7 +124,10 @@ def main(argv=None):
     read_us = time_reads(model, batch)
     load_after = os.getloadavg()
 
-    print(f"model {args.model_type}, {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable "
+    if rank != 0:
+        return 0
+    world = os.environ.get("WORLD_SIZE", "1")
+    print(f"{world} process(es), model {args.model_type}, {sum(p.numel() for p in model.parameters() if p.requires_grad)} trainable "
           f"parameters, batch 16, torch threads {torch.get_num_threads()}, {args.rounds} rounds x {args.steps} steps")
     for name in loops:
         print(f"  {name:8s} median {1e3 * statistics.median(times[name]):.3f} ms/step "

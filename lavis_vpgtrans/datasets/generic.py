@@ -300,7 +300,7 @@ class RecordReader:
             self.sources.hf_images[src] = ds.select_columns([keys["image"]])
             self.sources.image_key = keys["image"]
         elif isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string"):
-            paths = ds[keys["image"]]
+            paths = _column(ds, keys["image"])
         else:
             raise DataError(f"{path}: column {keys['image']!r} is {image_feature}: expected an Image column or "
                             "image paths")
@@ -316,7 +316,7 @@ class RecordReader:
                 example = ds[0][key] if len(ds) else None
                 raise DataError(f"{path}: column {key!r} holds lists ({feature}; row 0: {_short(example)}) where "
                                 f"types.{name} is 'str': set types.{name}: list to use each item")
-            texts[name] = ds[key]
+            texts[name] = _column(ds, key)
         for row in range(len(ds)):
             where = self.sources.where(src, row)
             if paths is not None:
@@ -330,6 +330,12 @@ class RecordReader:
             for name, column in texts.items():
                 record[name] = self._text(column[row], name, keys[name], where)
             yield record
+
+
+def _column(ds, key) -> list:
+    """A column as a python list, through arrow (indexing a datasets Column row by row costs
+    ~0.1 ms a row)."""
+    return ds.select_columns([key]).to_dict()[key]
 
 
 def _list_literal(text: str):

@@ -1,6 +1,7 @@
 """Generation time with an end of text of several tokens, by how generation is stopped on it.
 
-    python benchmarks/stop_on_text.py [--lengths 20 60] [--batch 8] [--repeats 3] [--json out.json]
+    python benchmarks/stop_on_text.py [--lengths 20 60] [--criterion-lengths 20 60 300] [--batch 4]
+                                      [--repeats 5] [--cases qwen3 llama3 llama] [--json out.json]
 
 An end of text that is not one token in context is stopped on as text: "\\n" for Qwen3's and
 Llama-3's tokenizers (".\\n", "\\n\\n" are tokens of their own), "###" for LLaMA's (VL-Vicuna's
@@ -22,9 +23,13 @@ stopping criterion is what differs:
                  order changes from call to call)
     none         no text criterion (the floor: the LM alone)
 
-Printed: median wall time of one generate() call over --repeats (after one warm-up call), the
-criterion's own time per step at the last step's row length (B rows, B x 5 under beam search),
-and a check that every criterion stops at the same step when the script does say the end of text.
+Printed, per tokenizer: the criterion's build time (once per model, or at every call with
+stop_strings); a check that every criterion stops at the same step when the script does say the
+end of text; the criterion alone over one call of N steps (rows of length 1..N, B rows or B x 5
+under beam search; least of --repeats), which shows its growth with N apart from the LM; and
+generate() end to end (least and median of --repeats, the methods taking turns so that a change
+of the machine's load falls on all of them). The load average is printed along: on a shared
+machine the end-to-end figures move by more than the criteria cost.
 The two StopOnText versions live only here, for the comparison.
 """
 
@@ -37,7 +42,8 @@ import tempfile
 import time
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import (LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList,
+                          StopStringCriteria)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
@@ -148,19 +154,38 @@ def criterion_of(lm, method):
 
 
 METHODS = ("decode-all", "decode-tail", "library", "per-call", "none")
+CRITERIA = METHODS[:3]
+
+
+def criterion_total(crit, rows, n_new, repeats):
+    """Seconds the criterion alone takes over one call of n_new steps (rows of length 1..n_new),
+    the least of `repeats` runs."""
+    crit(rows, None)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for length in range(1, n_new + 1):
+            crit(rows[:, :length], None)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def load_average():
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[20, 60], help="new tokens per call")
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--criterion-lengths", type=int, nargs="+", default=[20, 60, 300],
+                        help="new tokens per call for the criterion-alone timing")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cases", nargs="+", default=[k for k, _ in CASES], help="tokenizers: qwen3 llama3 llama")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    print(f"torch threads 1; load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} "
-          f"{os.getloadavg()[2]:.2f} at start")
+    print(f"torch threads 1, batch {args.batch}, {args.repeats} repeats; load average {load_average()} at start")
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for kind, end_sym in CASES:
@@ -169,55 +194,60 @@ def main(argv=None):
             tok = tokenizer_of(kind)
             lm = load_frozen_llm(build_lm(kind, tok, os.path.join(tmp, kind)), end_sym)
             script_ids = tok(CAPTION, add_special_tokens=False).input_ids
-            end_ids = tok("a" + end_sym, add_special_tokens=False).input_ids[len(tok("a", add_special_tokens=False).input_ids):]
+            head = len(tok("a", add_special_tokens=False).input_ids)
+            end_ids = tok("a" + end_sym, add_special_tokens=False).input_ids[head:]
             t = time.perf_counter()
             lm.stop_on_text(end_sym)
             build_s = time.perf_counter() - t
-            print(f"\n{kind} tokenizer ({len(tok)} tokens), end of text {end_sym!r} = {len(end_ids)} token(s) after "
-                  f"'a', end_token_id {lm.end_token_id}; StopStringCriteria built once in {build_s:.2f} s")
+            builds = []
+            for _ in range(3):  # what generate(stop_strings=...) does at every call
+                t = time.perf_counter()
+                StopStringCriteria(tok, end_sym)
+                builds.append(time.perf_counter() - t)
+            print(f"\n{kind} tokenizer ({len(tok)} tokens), end of text {end_sym!r} (not one token in context: "
+                  f"end_token_id {lm.end_token_id}); StopStringCriteria built in {build_s:.2f} s once per model "
+                  f"(library), again at every call with stop_strings (per-call): {min(builds):.2f} s, least of 3")
             torch.manual_seed(0)
             embeds = torch.randn(args.batch, 8, lm.llm_model.config.hidden_size)
 
             # the same stop step for every criterion when the script does end (end tokens one at a time)
-            stops = {}
-            for method in METHODS[:4]:
-                out = generate(lm, method, embeds, 30, 1, EndScript(script_ids, end_ids, 12))
-                stops[method] = out.shape[1]
-            print(f"  stops after the end of text (said at new token 12, {len(end_ids)} token(s)): "
-                  + ", ".join(f"{m} {n} tokens" for m, n in stops.items()))
+            stops = {method: generate(lm, method, embeds, 30, 1, EndScript(script_ids, end_ids, 12)).shape[1]
+                     for method in METHODS[:4]}
+            print(f"  stop when the end of text is said at new token 12 ({len(end_ids)} token(s)): "
+                  + ", ".join(f"{m} after {n} tokens" for m, n in stops.items()))
 
+            print("  the criterion alone over one call (rows of length 1..N), least of "
+                  f"{args.repeats}, ms:")
             for num_beams in (1, 5):
-                for n_new in args.lengths:
-                    row = {"tokenizer": kind, "end_sym": end_sym, "num_beams": num_beams, "new_tokens": n_new,
-                           "batch": args.batch}
-                    for method in METHODS:
-                        script = Script(script_ids)
-                        generate(lm, method, embeds, n_new, num_beams, script)  # warm-up
-                        times = []
-                        for _ in range(args.repeats):
-                            t = time.perf_counter()
-                            out = generate(lm, method, embeds, n_new, num_beams, script)
-                            times.append(time.perf_counter() - t)
-                        assert out.shape[1] == n_new, (method, out.shape)  # ran to the end
-                        row[method] = statistics.median(times)
-                    # the criterion alone on rows as long as the last step's
+                for n_new in args.criterion_lengths:
                     rows = torch.tensor([(script_ids * (n_new // len(script_ids) + 1))[:n_new]]
                                         * (args.batch * num_beams))
-                    per_step = {}
-                    for method in METHODS[:3]:
-                        crit = criterion_of(lm, method)
-                        crit(rows, None)
-                        t = time.perf_counter()
-                        for _ in range(50):
-                            crit(rows, None)
-                        per_step[method] = (time.perf_counter() - t) / 50
-                    row["criterion_per_step"] = per_step
-                    results.append(row)
-                    print(f"  beams {num_beams}, {n_new:3d} new tokens, batch {args.batch}: "
-                          + "  ".join(f"{m} {row[m] * 1000:7.1f} ms" for m in METHODS)
-                          + "\n      criterion per step at length {}: ".format(n_new)
-                          + "  ".join(f"{m} {v * 1000:.3f} ms" for m, v in per_step.items()))
-    print(f"\nload average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f} {os.getloadavg()[2]:.2f} at the end")
+                    totals = {m: criterion_total(criterion_of(lm, m), rows, n_new, args.repeats) for m in CRITERIA}
+                    results.append({"tokenizer": kind, "end_sym": end_sym, "what": "criterion", "num_beams": num_beams,
+                                    "rows": args.batch * num_beams, "new_tokens": n_new, **totals})
+                    print(f"    {args.batch * num_beams:2d} rows (beams {num_beams}), N = {n_new:3d}: "
+                          + "  ".join(f"{m} {v * 1000:8.2f}" for m, v in totals.items()))
+
+            print(f"  generate() end to end, batch {args.batch}, methods in turn, least / median of "
+                  f"{args.repeats}, ms:")
+            for num_beams in (1, 5):
+                for n_new in args.lengths:
+                    times = {m: [] for m in METHODS}
+                    for method in METHODS:  # warm-up
+                        generate(lm, method, embeds, n_new, num_beams, Script(script_ids))
+                    for _ in range(args.repeats):
+                        for method in METHODS:
+                            t = time.perf_counter()
+                            out = generate(lm, method, embeds, n_new, num_beams, Script(script_ids))
+                            times[method].append(time.perf_counter() - t)
+                            assert out.shape[1] == n_new, (method, out.shape)  # ran to the end
+                    results.append({"tokenizer": kind, "end_sym": end_sym, "what": "generate", "num_beams": num_beams,
+                                    "batch": args.batch, "new_tokens": n_new, **times})
+                    print(f"    beams {num_beams}, N = {n_new:3d}: "
+                          + "  ".join(f"{m} {min(v) * 1000:6.0f} / {statistics.median(v) * 1000:6.0f}"
+                                      for m, v in times.items()))
+            print(f"  load average {load_average()}")
+    print(f"\nload average {load_average()} at the end")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

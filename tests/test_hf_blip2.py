@@ -381,8 +381,10 @@ def perturbed_model(seed=0, vit_stream_scale=1.0):
             if name.startswith(("visual_encoder.", "ln_vision.", "Qformer.", "query_tokens", "opt_proj.")):
                 p.add_(0.05 * torch.randn_like(p))
         vit = model.visual_encoder
-        for t in [vit.cls_token, vit.pos_embed, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias] + \
-                 [p for b in vit.blocks for p in (b.attn.proj.weight, b.attn.proj.bias, b.mlp.fc2.weight, b.mlp.fc2.bias)]:
+        stream = [vit.cls_token, vit.pos_embed, vit.patch_embed.proj.weight, vit.patch_embed.proj.bias]
+        for b in vit.blocks:
+            stream += [b.attn.proj.weight, b.attn.proj.bias, b.mlp.fc2.weight, b.mlp.fc2.bias]
+        for t in stream:
             t.mul_(vit_stream_scale)
     return model
 

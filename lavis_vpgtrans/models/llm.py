@@ -184,10 +184,9 @@ class FrozenLLM:
         tokenizer=...) builds it: it preprocesses the whole vocabulary, and transformers' cache of
         that misses for fast tokenizers (their get_vocab() order changes from call to call):
         1.3 s per call for Qwen3's 151k tokens (benchmarks/stop_on_text.py)."""
-        key = (text, len(self.llm_tokenizer))
-        if key not in self._stop_criteria:
-            self._stop_criteria[key] = StopStringCriteria(self.llm_tokenizer, text)
-        return StoppingCriteriaList([self._stop_criteria[key]])
+        if text not in self._stop_criteria:  # (not keyed by len(tokenizer): that costs 19 ms for LLaMA's)
+            self._stop_criteria[text] = StopStringCriteria(self.llm_tokenizer, text)
+        return StoppingCriteriaList([self._stop_criteria[text]])
 
     def cut_at_end(self, text: str) -> str:
         """Generated text up to (not including) the end of text, stripped."""

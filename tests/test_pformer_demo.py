@@ -192,8 +192,8 @@ def test_pformer_prompts_carry_content_words_ci(toy_zoo, tmp_path):
 
     Measured on the first caption of the test world's 32 val and 32 test images (ZOO_VERSION 9,
     pinned kernels): teacher-forced content-word accuracy 0.707 own vs 0.441 another sentence's
-    (all tokens 0.849 vs 0.664); greedy content-word accuracy 0.711 vs 0.318. About 66 s of CPU
-    (the LM 21 s, stage 0 38 s, the measurements 4 s; 2 cores, load 1-5).
+    (all tokens 0.849 vs 0.664); greedy content-word accuracy 0.711 vs 0.318. About 62 s of CPU
+    (the LM 21 s, stage 0 37 s, the measurements 4 s), 66 s wall on 2 cores at load 1.
     The check fails where the prompts carry no content:
       - an untrained P-Former (asserted below): 0.436 vs 0.434, greedy 0.029 vs 0.023;
       - the same stage 0 for the test profile's LLaMA (pre-trained on single sentences: it does not

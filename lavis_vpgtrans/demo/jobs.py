@@ -10,6 +10,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from lavis_vpgtrans.demo.plan import REPO_ROOT, Job
+from lavis_vpgtrans.runners.run_record import METRICS_FILE
 
 POLL_S = 0.5
 REDRAW_S = 10
@@ -25,7 +26,7 @@ def epochs_done(job: Job) -> int:
     if job.run is None:
         return 0
     if job.validates:
-        path = os.path.join(job.job_dir, "metrics.jsonl")
+        path = os.path.join(job.job_dir, METRICS_FILE)
         if not os.path.isfile(path):
             return 0
         with open(path) as f:

@@ -133,6 +133,9 @@ class Blip2Vicuna(Blip2LLaMA):
         if self.pformer is not None:
             raise ValueError("align_weight > 0 (P-Former alignment) is for caption training; "
                              "turn it off for conversation (instruction) tuning")
+        if "conversation" in samples:  # multi-turn: [[user, assistant], ...] per sample (own_instruct)
+            conversations = [[(q, a) for q, a in turns] for turns in samples["conversation"]]
+            return {"loss": self.conversation_loss(samples["image"], conversations)}
         # LAVIS's samples contract: text_input = instruction, text_output = answer; caption
         # samples (no text_output) use the model's `prompt` as the instruction.
         instructions, answers = self._prefixes_and_targets(samples)

@@ -1,0 +1,126 @@
+"""A conversation about an image in a tokenizer's own chat template, labels on the answers only.
+
+For a generic causal LM (blip2_causal_lm on an instruct model: Llama-3, Qwen, Mistral, ...) an
+instruction conversation [(user, assistant), ...] is rendered by the tokenizer's
+`apply_chat_template` (as the model was tuned), and the image's soft prompts go at the start of
+the first user message, followed by "\\n" (where LLaVA puts its <image>):
+
+    ids     the rendered text's tokens, with `num_query` image slots (image_token_id) where the
+            placeholder was
+    labels  -100 everywhere but on each answer's tokens and the end of turn the template
+            writes right after it, up to its first special token ("<|im_end|>", "<|eot_id|>",
+            "</s>"): what the model has to generate to answer and stop
+
+The answers are found in the rendered text itself (in order, after the messages before them), so
+templates that render a message differently as the last one (Qwen3's empty <think> block) or
+change the system prompt are handled; a template that rewrites a message's text is an error.
+Needs a fast tokenizer (offsets).
+"""
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+IMAGE_PLACEHOLDER_TEXT = "<ImageHere>"
+
+
+class ChatTemplateError(ValueError):
+    """A conversation the chat template cannot render with answer-only labels."""
+
+
+def chat_messages(turns: Sequence[Tuple[str, Optional[str]]], with_image: bool = True) -> List[Dict[str, str]]:
+    messages = []
+    for i, (user, assistant) in enumerate(turns):
+        user = str(user).strip()
+        if i == 0 and with_image:
+            user = f"{IMAGE_PLACEHOLDER_TEXT}\n{user}"
+        messages.append({"role": "user", "content": user})
+        if assistant is not None:
+            messages.append({"role": "assistant", "content": str(assistant).strip()})
+    return messages
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+PROBE = [{"role": "user", "content": "Probe question one?"}, {"role": "assistant", "content": "Probe answer one."},
+         {"role": "user", "content": "Probe question two?"}, {"role": "assistant", "content": "Probe answer two."}]
+
+
+def end_of_turn(tokenizer, **template_kwargs) -> str:
+    """The text the chat template writes right after an answer, up to and including its first
+    special token ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>"): what follows an answer
+    both before the next user turn and at the end of the conversation."""
+    text = tokenizer.apply_chat_template(PROBE, tokenize=False, **template_kwargs)
+    first = text.index(PROBE[1]["content"]) + len(PROBE[1]["content"])
+    last = text.index(PROBE[3]["content"], first) + len(PROBE[3]["content"])
+    common = text[last:][:_common_prefix(text[first:], text[last:])]
+    specials = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+    ends = [common.find(t) + len(t) for t in specials if t and t in common]
+    return common[:min(ends)] if ends else common
+
+
+def answer_spans(text: str, messages: List[Dict[str, str]], eot: str) -> List[Tuple[int, int]]:
+    """Character spans of the answers in `text`, each with the end of turn `eot` after it."""
+    cursor, found = 0, []
+    for m in messages:
+        at = text.find(m["content"], cursor)
+        if at < 0:
+            raise ChatTemplateError(f"the chat template does not write the {m['role']} message "
+                                    f"{m['content'][:60]!r} as given")
+        cursor = at + len(m["content"])
+        if m["role"] == "assistant":
+            found.append((at, cursor + (len(eot) if text.startswith(eot, cursor) else 0)))
+    return found
+
+
+def chat_template_tokens(tokenizer, turns: Sequence[Tuple[str, Optional[str]]], num_query: int,
+                         image_token_id: int, with_image: bool = True, max_answer_tokens: Optional[int] = None,
+                         **template_kwargs) -> Tuple[List[int], List[int]]:
+    """(ids, labels) of a conversation rendered by the tokenizer's chat template; a last turn
+    with answer None gives the generation prompt (add_generation_prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"{type(tokenizer).__name__} has no chat template (tokenizer_config.json "
+                                "chat_template): use a chat / instruct model's tokenizer")
+    if not turns:
+        raise ChatTemplateError("a conversation needs at least one turn")
+    if any(a is None for _, a in turns[:-1]):
+        raise ChatTemplateError("only the last turn may be unanswered")
+    messages = chat_messages(turns, with_image)
+    for m in messages:
+        if IMAGE_PLACEHOLDER_TEXT in m["content"][len(IMAGE_PLACEHOLDER_TEXT):] or not m["content"]:
+            raise ChatTemplateError(f"a {m['role']} message is empty or holds {IMAGE_PLACEHOLDER_TEXT!r}")
+    generation = turns[-1][1] is None
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation,
+                                         **template_kwargs)
+    spans = answer_spans(text, messages, end_of_turn(tokenizer, **template_kwargs))
+    parts = text.split(IMAGE_PLACEHOLDER_TEXT) if with_image else [text]
+    if len(parts) != (2 if with_image else 1):
+        raise ChatTemplateError("the chat template did not write the image placeholder exactly once")
+    ids: List[int] = []
+    labels: List[int] = []
+    offset = 0
+    for k, part in enumerate(parts):
+        if k:
+            ids += [image_token_id] * num_query
+            labels += [-100] * num_query
+            offset += len(IMAGE_PLACEHOLDER_TEXT)
+        enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
+        span_tokens = {}
+        for tid, (start, _end) in zip(enc.input_ids, enc.offset_mapping):
+            pos = offset + start
+            span = next((i for i, (s, e) in enumerate(spans) if s <= pos < e), None)
+            if span is not None and max_answer_tokens is not None:
+                span_tokens[span] = span_tokens.get(span, 0) + 1
+                keep = span_tokens[span] <= max_answer_tokens
+            else:
+                keep = True
+            if keep:
+                ids.append(tid)
+                labels.append(tid if span is not None else -100)
+        offset += len(part)
+    return ids, labels

@@ -158,6 +158,37 @@ def test_llava_file_renders_into_a_tokenizers_chat_template(plugin, toy_zoo, vl_
     assert qwen.decode(ids[:ids.index(-200)]) == "<|im_start|>user\n"
 
 
+def test_generic_causal_lm_trains_on_conversations_in_its_chat_template(plugin, toy_zoo, vl_model, tmp_path):
+    """blip2_causal_lm (the toy LLaMA, given a Vicuna-v1-like template that ends answers with
+    </s>) takes a collated own_instruct batch; a model without a conversation mode says so."""
+    from helpers import load_tiny
+
+    from lavis_vpgtrans.models.chat_template import IMAGE_SLOT, chat_template_tokens
+
+    ds = build(toy_zoo, write_json(tmp_path / "llava.json", llava_records(toy_zoo, 2)))
+    batch = ds.collater([ds[0], ds[1]])
+    torch.manual_seed(0)
+    model = load_tiny("blip2_causal_lm", "tiny_causal_lm", max_output_txt_len=64).eval()
+    tok = model.llm_tokenizer
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ 'USER: ' + m['content'] "
+                         "+ ' ' }}{% else %}{{ 'ASSISTANT: ' + m['content'] + eos_token }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+    ids, labels = chat_template_tokens(tok, ds[0]["conversation"], 8, IMAGE_SLOT)
+    (_, a1), (_, a2) = ds[0]["conversation"]
+    assert [tok.decode(ids[a:b]) for a, b in labelled_runs(labels)] == [f"{a1}</s>", f"{a2}</s>"]
+    assert ids[0] == tok.bos_token_id and ids[1:].count(tok.bos_token_id) == 0
+    with torch.no_grad():
+        loss = model(batch)["loss"]
+    assert math.isfinite(loss.item()) and loss.item() > 0
+
+    vl_model.set_conversation(None)  # VL-Vicuna without its template: caption training only
+    try:
+        with pytest.raises(ValueError, match="does not train on conversations"):
+            vl_model(batch)
+    finally:
+        vl_model.set_conversation("minigpt4")
+
+
 # --------------------------------------------------------------------------- train.py
 
 
@@ -188,7 +219,8 @@ def test_instruction_tuning_one_epoch_through_train_py(plugin, toy_zoo, tmp_path
     train_main(["--cfg-path", str(tmp_path / "config.yaml")])
     job = tmp_path / "out" / "job"
     assert (job / "checkpoint_0.pth").is_file()
-    lines = [line.strip() for line in open(job / "log.txt")]
+    with open(job / "log.txt") as f:
+        lines = [line.strip() for line in f]
     records = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("}")]
     losses = [float(r["train_loss"]) for r in records if "train_loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0

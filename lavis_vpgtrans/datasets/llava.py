@@ -156,8 +156,8 @@ class OwnInstructBuilder(OwnDataBuilder):
             for at, row in (iter_json(path) if fmt == "json" else iter_jsonl(path)):
                 where = sources.where(src, at)
                 if not isinstance(row, dict):
-                    raise DataError(f"{where}: expected an object with {keys['image']!r} and {keys['conversations']!r}, "
-                                    f"got {_short(row)}")
+                    raise DataError(f"{where}: expected an object with {keys['image']!r} and "
+                                    f"{keys['conversations']!r}, got {_short(row)}")
                 if keys["conversations"] not in row:
                     raise DataError(f"{where}: no key {keys['conversations']!r} (set keys.conversations); the record "
                                     f"has the keys {sorted(row)}{_closest(keys['conversations'], row)}")

@@ -6,6 +6,7 @@ model types (default yamls under models/configs/<family>/). Everything else is s
 
 from lavis.common.registry import registry
 
+from lavis_vpgtrans.models.chat_template import chat_template_loss
 from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
 
 
@@ -88,3 +89,12 @@ class Blip2CausalLM(Blip2VLLLM):
         "mistral_7b": "models/configs/causal_lm/mistral_7b.yaml",
         "tiny_causal_lm": "models/configs/causal_lm/tiny_causal_lm.yaml",
     }
+
+    def forward(self, samples):
+        """Conversation samples (own_instruct: [[user, assistant], ...] each) are rendered by the
+        tokenizer's own chat template, labels on the answers only (models/chat_template.py)."""
+        if "conversation" not in samples:
+            return super().forward(samples)
+        loss = chat_template_loss(self, samples["image"], samples["conversation"],
+                                  max_answer_tokens=self.max_output_txt_len)
+        return {"loss": loss, "loss_lm": loss}

@@ -111,9 +111,10 @@ def chat_template_tokens(tokenizer, turns: Sequence[Tuple[str, Optional[str]]], 
             offset += len(IMAGE_PLACEHOLDER_TEXT)
         enc = tokenizer(part, add_special_tokens=False, return_offsets_mapping=True)
         span_tokens = {}
-        for tid, (start, _end) in zip(enc.input_ids, enc.offset_mapping):
-            pos = offset + start
-            span = next((i for i, (s, e) in enumerate(spans) if s <= pos < e), None)
+        for tid, (start, end) in zip(enc.input_ids, enc.offset_mapping):
+            # a token overlapping an answer is the answer's ("▁two" starts at the space before it)
+            start, end = offset + start, offset + max(end, start + 1)
+            span = next((i for i, (s, e) in enumerate(spans) if start < e and end > s), None)
             if span is not None and max_answer_tokens is not None:
                 span_tokens[span] = span_tokens.get(span, 0) + 1
                 keep = span_tokens[span] <= max_answer_tokens
@@ -124,3 +125,31 @@ def chat_template_tokens(tokenizer, turns: Sequence[Tuple[str, Optional[str]]], 
                 labels.append(tid if span is not None else -100)
         offset += len(part)
     return ids, labels
+
+
+IMAGE_SLOT = -200  # marks the soft-prompt positions in a row of ids; never a vocabulary id
+
+
+def chat_template_loss(model, image, conversations, max_answer_tokens: Optional[int] = None,
+                       **template_kwargs):
+    """Causal-LM loss of whole conversations (one image each) rendered by the model's tokenizer's
+    chat template, on the answers (and their end of turn) only. `model` is a Blip2VLLLM."""
+    import torch
+
+    from lavis_vpgtrans.models.llm import pad_rows
+
+    prompts = model.encode_image(image)
+    num_query = prompts.shape[1]
+    rows = [chat_template_tokens(model.llm_tokenizer, [tuple(t) for t in turns], num_query, IMAGE_SLOT,
+                                 max_answer_tokens=max_answer_tokens, **template_kwargs) for turns in conversations]
+    pad = model.llm_tokenizer.pad_token_id
+    ids, mask = (t.to(prompts.device) for t in pad_rows([r[0] for r in rows], pad))
+    labels = torch.full(ids.shape, -100, dtype=torch.long)
+    for i, (_, row_labels) in enumerate(rows):
+        labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
+    is_image = ids == IMAGE_SLOT
+    embeds = model.llm_model.get_input_embeddings()(ids.masked_fill(is_image, pad))
+    embeds[is_image] = prompts.reshape(-1, prompts.shape[-1]).to(embeds.dtype)
+    with model.maybe_autocast():
+        return model.llm_model(inputs_embeds=embeds, attention_mask=mask, labels=labels.to(mask.device),
+                               return_dict=True).loss

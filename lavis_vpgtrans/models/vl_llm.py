@@ -215,6 +215,9 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         return [self.prompt] * len(samples["text_input"]), list(samples["text_input"])
 
     def forward(self, samples):
+        if "conversation" in samples:
+            raise ValueError(f"{type(self).__name__} does not train on conversations (own_instruct): use blip2_vicuna "
+                             "with conv_template (VL-Vicuna) or blip2_causal_lm with a chat model's tokenizer")
         prompts = self.encode_image(samples["image"])
         prefixes, targets = self._prefixes_and_targets(samples)
         loss = self.llm_forward(prompts, prefixes, targets)[0].loss

@@ -225,6 +225,18 @@ def test_instruction_tuning_one_epoch_through_train_py(plugin, toy_zoo, tmp_path
     losses = [float(r["train_loss"]) for r in records if "train_loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0]) and losses[0] > 0
 
+    # ... and chat with the result, as `python -m lavis_vpgtrans.chat --checkpoint` loads it
+    from PIL import Image
+
+    from lavis_vpgtrans.models.loading import load_chat_model
+
+    model, vis = load_chat_model("blip2_vicuna", "tiny_vl_vicuna", checkpoint=str(job / "checkpoint_0.pth"),
+                                 device="cpu")
+    image = vis(Image.open(data / "image" / "1.jpg").convert("RGB"))
+    first = model.chat(image, "Describe this image in detail.", max_new_tokens=8)
+    second = model.chat(image, QUESTION, history=[("Describe this image in detail.", first)], max_new_tokens=8)
+    assert isinstance(first, str) and isinstance(second, str) and "###" not in first + second
+
 
 def test_example_config_builds_its_documented_layout(plugin, toy_zoo, tmp_path):
     """projects/own_data/instruct_llava.yaml (no absolute paths) passes train.py's config check

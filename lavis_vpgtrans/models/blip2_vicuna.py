@@ -9,7 +9,8 @@ sample is a conversation rendered by lavis_vpgtrans.models.conversation:
   - BOS once, at the very start, in training and in generation alike (if the tokenizer adds
     one: the same `bos_ids` as every other path);
   - the soft prompts are spliced in at <ImageHere>;
-  - labels on the answer tokens and the closing "###" only;
+  - labels on the answer tokens and the closing "###" only (every turn's, for multi-turn
+    samples {"image", "conversation": [[instruction, answer], ...]} such as own_instruct's);
   - generation gets the same token ids up to "###Assistant:", then stops as soon as the
     generated text contains "###" (however the tokenizer splits it), and the "###" is cut.
 

@@ -55,6 +55,14 @@ def end_of_turn(tokenizer, **template_kwargs) -> str:
     """The text the chat template writes right after an answer, up to and including its first
     special token ("<|im_end|>", "<|eot_id|>", "</s>", "<end_of_turn>"): what follows an answer
     both before the next user turn and at the end of the conversation."""
+    key = (tokenizer.chat_template, repr(sorted(template_kwargs.items())))
+    cache = tokenizer.__dict__.setdefault("_vpgtrans_end_of_turn", {})  # one probe per template
+    if key not in cache:
+        cache[key] = _probe_end_of_turn(tokenizer, **template_kwargs)
+    return cache[key]
+
+
+def _probe_end_of_turn(tokenizer, **template_kwargs) -> str:
     text = tokenizer.apply_chat_template(PROBE, tokenize=False, **template_kwargs)
     first = text.index(PROBE[1]["content"]) + len(PROBE[1]["content"])
     last = text.index(PROBE[3]["content"], first) + len(PROBE[3]["content"])

@@ -319,3 +319,30 @@ def test_invalid_json_names_the_file_and_place(plugin, toy_zoo, tmp_path):
     lines.write_text("\n".join(json.dumps(r) for r in llava_records(toy_zoo, 2)) + "\n{\"id\": 3,\n")
     with pytest.raises(DataError, match=rf"{lines}: line 3 is not valid JSON"):
         build(toy_zoo, lines)
+
+
+def test_unreadable_images_name_the_record_or_are_skipped_and_counted(plugin, toy_zoo, tmp_path, monkeypatch):
+    """An unreadable image: an error naming the file, record and image when read; with
+    run.skip_bad_samples a missing or unreadable one is skipped (dropped by the collater) and counted."""
+    import re
+    from types import SimpleNamespace
+
+    from lavis.common.registry import registry
+    from omegaconf import OmegaConf
+
+    from lavis_vpgtrans.datasets.checked import DataError
+
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    records = llava_records(toy_zoo, 3)
+    records[1]["image"] = str(tmp_path / "broken.jpg")
+    path = write_json(tmp_path / "llava.json", records)
+    ds = build(toy_zoo, path)
+    with pytest.raises(DataError, match=re.escape(f"record 1 of {path} (image {tmp_path / 'broken.jpg'})")):
+        ds[1]
+
+    monkeypatch.setitem(registry.mapping["state"], "configuration",
+                        SimpleNamespace(run_cfg=OmegaConf.create({"skip_bad_samples": True})))
+    records[2]["image"] = "image/gone.jpg"
+    ds = build(toy_zoo, write_json(tmp_path / "llava.json", records))
+    batch = ds.collater([ds[i] for i in range(3)])
+    assert batch["conversation"] == [ds[0]["conversation"]] and ds.take_skipped() == 2

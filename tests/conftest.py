@@ -3,7 +3,6 @@
 import atexit
 import os
 import shutil
-import socket
 import tempfile
 
 import pytest
@@ -18,14 +17,14 @@ if "LAVIS_CACHE_ROOT" not in os.environ:
     os.environ["LAVIS_CACHE_ROOT"] = tempfile.mkdtemp(prefix="lavis_cache_")
     atexit.register(shutil.rmtree, os.environ["LAVIS_CACHE_ROOT"], ignore_errors=True)
 
-# Under pytest-xdist (scripts/run_tests.sh runs two workers): each worker its own torchrun
-# port (torchrun reads PET_MASTER_PORT; its default 29500 would be shared), and one intra-op
-# thread per worker so that two workers do not oversubscribe the two cores.
+# Every torchrun the tests start (directly or through the recipe scripts) rendezvouses on a
+# port the OS picks (torchrun reads PET_STANDALONE as --standalone): the default 29500, or any
+# fixed port, would be shared by the two pytest-xdist workers and by other sessions.
+os.environ.setdefault("PET_STANDALONE", "1")
+# Under pytest-xdist (scripts/run_tests.sh runs two workers) one intra-op thread per worker,
+# so that two workers do not oversubscribe the two cores.
 XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
 if XDIST_WORKER:
-    with socket.socket() as _s:
-        _s.bind(("127.0.0.1", 0))
-        os.environ.setdefault("PET_MASTER_PORT", str(_s.getsockname()[1]))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

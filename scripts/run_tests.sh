@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The test command: builds .venv/ if needed, then runs the whole suite offline on CPU, a
-# test file per pytest-xdist worker, two workers (one per core of the 2-core CI machine;
+# test file per pytest-xdist worker, two workers (one per core of the 2-core CI machine), the
+# slowest files first (tests/conftest.py orders them; xdist would order by test count;
 # add "-n 0" to run in one process, or "-n 4" on a bigger machine).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile tests "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"

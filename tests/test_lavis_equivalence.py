@@ -182,8 +182,8 @@ def test_opt_with_prompt_masks_like_lavis(stock_opt, our_opt, caption_batches):
 # --------------------------------------------------------------------------- Flan-T5
 
 
-@pytest.fixture(scope="module")
-def stock_t5(lavis_download_helpers_replaced, vqa_batches):
+def new_stock_t5():
+    """Stock Blip2T5 (seed 0) with the toy T5's weights in fp32, untrained."""
     from lavis.models.blip2_models.blip2_t5 import Blip2T5
     from transformers import T5ForConditionalGeneration
 
@@ -194,6 +194,12 @@ def stock_t5(lavis_download_helpers_replaced, vqa_batches):
     model = Blip2T5(img_size=32, vit_precision="fp32", num_query_token=8, t5_model=t5_dir, prompt="",
                     max_txt_len=48)
     model.t5_model.float().load_state_dict(T5ForConditionalGeneration.from_pretrained(t5_dir).state_dict())
+    return model
+
+
+@pytest.fixture(scope="module")
+def stock_t5(lavis_download_helpers_replaced, vqa_batches):
+    model = new_stock_t5()
     return train_stock(model, [{k: b[k] for k in ("image", "text_input", "text_output")} for b in vqa_batches])
 
 
@@ -212,16 +218,7 @@ def t5_caption_samples(batch):
 @pytest.fixture(scope="module")
 def stock_t5_captions(lavis_download_helpers_replaced, caption_batches):
     """Stock Blip2T5 trained on toy captions, many of them longer than 32 T5 tokens."""
-    from lavis.models.blip2_models.blip2_t5 import Blip2T5
-    from transformers import T5ForConditionalGeneration
-
-    from lavis_vpgtrans.toy import zoo
-
-    t5_dir = zoo.resolve("toy:t5")
-    torch.manual_seed(0)
-    model = Blip2T5(img_size=32, vit_precision="fp32", num_query_token=8, t5_model=t5_dir, prompt="",
-                    max_txt_len=48)
-    model.t5_model.float().load_state_dict(T5ForConditionalGeneration.from_pretrained(t5_dir).state_dict())
+    model = new_stock_t5()
     return train_stock(model, [t5_caption_samples(b) for b in caption_batches], steps=10)
 
 

@@ -109,3 +109,47 @@ def test_example_config_mixes_by_ratio(plugin):
     assert set(ratios) == set(cfg.datasets) == {"vpgtrans_coco_caption_train", "own_caption"}
     assert sum(ratios.values()) == pytest.approx(1.0)
     assert cfg.run.max_iters % cfg.run.iters_per_inner_epoch == 0
+
+
+def test_a_ratio_mixture_drops_skipped_samples_like_a_single_training_set():
+    """run.skip_bad_samples: a dataset returns None for a sample it skipped, and the training
+    collate drops it. A ratio mixture collates each training set with its own collater, which
+    must drop skipped samples as the single-set path does (it passed them on: default_collate
+    fails on None)."""
+    from types import SimpleNamespace
+
+    import torch
+    from omegaconf import OmegaConf
+    from torch.utils.data import Dataset
+    from torch.utils.data.dataloader import default_collate
+
+    from lavis_vpgtrans.runners.loaders import Loaders
+
+    class Samples(Dataset):
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor(i)}
+
+        def collater(self, samples):
+            return default_collate(samples)
+
+    class Runner(Loaders):
+        def __init__(self, ratios):
+            self._dataloaders = None
+            self.datasets = {"own_caption": {"train": Samples()}, "toy_caption": {"train": Samples()}}
+            self.train_splits = ["train"]
+            self.config = SimpleNamespace(run_cfg=OmegaConf.create(
+                {"train_dataset_ratios": ratios, "num_workers": 0, "batch_size_train": 2, "batch_size_eval": 2}))
+
+        def create_loaders(self, collate_fns, **unused):
+            self.collate_fns = collate_fns
+            return [None] * len(collate_fns)
+
+    for ratios in ({"own_caption": 0.25, "toy_caption": 0.75}, None):
+        runner = Runner(ratios)
+        runner.dataloaders
+        (train_collate,) = runner.collate_fns
+        for collate in (train_collate if isinstance(train_collate, list) else [train_collate]):
+            assert collate([{"x": torch.tensor(1)}, None])["x"].tolist() == [1], ratios

@@ -49,7 +49,7 @@ class Loaders:
 
             split_names = sorted(self.datasets)
             datasets = [self.datasets[s] for s in split_names]
-            collate_fns = [[getattr(d, "collater", None) for d in ds] if isinstance(ds, (list, tuple))
+            collate_fns = [[_dropping_skipped(getattr(d, "collater", None)) for d in ds] if isinstance(ds, (list, tuple))
                            else _dropping_skipped(getattr(ds, "collater", None)) for ds in datasets]
             loaders = self.create_loaders(
                 datasets=datasets, num_workers=self.config.run_cfg.num_workers,

@@ -481,6 +481,16 @@ class VQAEvalSet(OwnDataset):
 
 # --------------------------------------------------------------------------- builders
 
+def check_names(dataset: str, option: str, given: dict, known, what: str) -> None:
+    """A dataset config's `<option>: {field: name}` (keys, roles): known fields, non-empty names."""
+    for field_name, value in given.items():
+        if field_name not in known:
+            raise DataError(f"dataset {dataset!r}: {option}.{field_name}: not {what} "
+                            f"{sorted(known)}{_closest(field_name, known)}")
+        if not isinstance(value, str) or not value:
+            raise DataError(f"dataset {dataset!r}: {option}.{field_name} must be a name, got {value!r}")
+
+
 class OwnDataBuilder(LocalFilesBuilder):
     """Builds the splits of build_info.annotations from one's own files (see the module doc)."""
 
@@ -529,12 +539,7 @@ class OwnDataBuilder(LocalFilesBuilder):
         name = self._name()
         fields = FIELDS[self.kind]
         keys = OmegaConf.to_container(self.config.get("keys", None) or OmegaConf.create({}))
-        for field_name, key in keys.items():
-            if field_name not in fields:
-                raise DataError(f"dataset {name!r}: keys.{field_name}: not a field of {self.kind} data "
-                                f"({sorted(fields)}){_closest(field_name, fields)}")
-            if not isinstance(key, str) or not key:
-                raise DataError(f"dataset {name!r}: keys.{field_name} must be a key name, got {key!r}")
+        check_names(name, "keys", keys, fields, f"a field of {self.kind} data")
         types = OmegaConf.to_container(self.config.get("types", None) or OmegaConf.create({}))
         for field_name, kind in types.items():
             if field_name != TEXT_FIELD[self.kind]:

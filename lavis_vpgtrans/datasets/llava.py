@@ -54,7 +54,8 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 from lavis_vpgtrans.datasets.checked import DataError
-from lavis_vpgtrans.datasets.generic import OwnDataBuilder, OwnDataset, Sources, _closest, _short, iter_json, iter_jsonl
+from lavis_vpgtrans.datasets.generic import (OwnDataBuilder, OwnDataset, Sources, _closest, _short, check_names,
+                                             iter_json, iter_jsonl)
 
 INSTRUCT = "instruct"
 DEFAULT_KEYS = {"image": "image", "conversations": "conversations", "from": "from", "value": "value"}
@@ -129,13 +130,8 @@ class OwnInstructBuilder(OwnDataBuilder):
         name = self._name()
         keys = OmegaConf.to_container(self.config.get("keys", None) or OmegaConf.create({}))
         roles = OmegaConf.to_container(self.config.get("roles", None) or OmegaConf.create({}))
-        for given, known, what in ((keys, DEFAULT_KEYS, "keys"), (roles, DEFAULT_ROLES, "roles")):
-            for field_name, key in given.items():
-                if field_name not in known:
-                    raise DataError(f"dataset {name!r}: {what}.{field_name}: not one of {sorted(known)}"
-                                    f"{_closest(field_name, known)}")
-                if not isinstance(key, str) or not key:
-                    raise DataError(f"dataset {name!r}: {what}.{field_name} must be a name, got {key!r}")
+        check_names(name, "keys", keys, DEFAULT_KEYS, "one of")
+        check_names(name, "roles", roles, DEFAULT_ROLES, "one of")
         roles = {**DEFAULT_ROLES, **roles}
         if roles["human"] == roles["gpt"]:
             raise DataError(f"dataset {name!r}: roles.human and roles.gpt are both {roles['human']!r}")

@@ -80,7 +80,6 @@ def guarded_inner_loop(self, epoch, iters_per_epoch, model, data_loader, optimiz
                 for value in pending_losses + [loss_value]:
                     metric_logger.update(loss=value)
             else:
-                optimizer.zero_grad()
                 if use_amp:
                     scaler.update()  # lowers the loss scale after an overflow, as a skipped amp step does
                 guard.skipped(step=first_step + i, epoch=epoch, iteration=i, iters_per_epoch=iters_per_epoch,

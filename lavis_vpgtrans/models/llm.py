@@ -94,7 +94,8 @@ class FrozenLLM:
     synced_generation: bool = False
 
     def init_llm(self, llm_model: str, llm_precision: str = "fp16", llm_config: Optional[dict] = None,
-                 end_sym=CLASS_DEFAULT, label_bos: bool = True) -> None:
+                 end_sym=CLASS_DEFAULT, label_bos: bool = True, quantization: Optional[dict] = None,
+                 lora: Optional[dict] = None) -> None:
         """Loads the LLM and its tokenizer, frozen, and sets the end of text and BOS.
         `llm_config`: overrides of the LLM's config (default: LAVIS's, LAVIS_LLM_CONFIG).
         `label_bos`: LAVIS's blip2_opt labels every text token but padding and the prompt,
@@ -112,6 +113,8 @@ class FrozenLLM:
         self.llm_model = llm_cls.from_pretrained(path, torch_dtype=self.llm_dtype, **dict(llm_config))
         for param in self.llm_model.parameters():
             param.requires_grad = False
+        if quantization or lora:
+            raise NotImplementedError("llm_quantization / llm_lora: not yet implemented (issue 25)")
         if self.llm_tokenizer.pad_token is None:
             # LLaMA / Vicuna ship no pad token; padding is masked out, so any id will do.
             self.llm_tokenizer.pad_token = self.llm_tokenizer.unk_token or self.llm_tokenizer.eos_token

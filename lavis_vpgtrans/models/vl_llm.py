@@ -25,6 +25,7 @@ from lavis_vpgtrans.models.base import VIT_DTYPES, Blip2PluginBase
 from lavis_vpgtrans.models.llm import CLASS_DEFAULT, FrozenLLM, check_llm_args, pad_rows
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.projector import known_projector_names
+from lavis_vpgtrans.models.scoring import LogLikelihoodScorer
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ UNUSED_QFORMER_KEYS = re.compile(
     r"bert\.encoder\.layer\.\d+\.(intermediate|output)\.)")
 
 
-class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
+class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
     """Base class: subclasses set `projector_name` (the state-dict prefix LAVIS / the released
     checkpoints use, so their files load unchanged) and PRETRAINED_MODEL_CONFIG_DICT."""
 
@@ -69,6 +70,8 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
         end_sym=CLASS_DEFAULT,
         label_bos: bool = True,
         llm_config: Optional[dict] = None,
+        llm_quantization: Optional[dict] = None,
+        llm_lora: Optional[dict] = None,
     ):
         super().__init__()
         if self.projector_name is None:
@@ -87,7 +90,8 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
             layer.output = None
             layer.intermediate = None
 
-        self.init_llm(llm_model, llm_precision, llm_config, end_sym, label_bos)
+        self.init_llm(llm_model, llm_precision, llm_config, end_sym, label_bos,
+                      quantization=llm_quantization, lora=llm_lora)
         self.add_module(self.projector_name,
                         nn.Linear(self.Qformer.config.hidden_size, self.llm_model.config.hidden_size))
 
@@ -274,14 +278,17 @@ class Blip2VLLLM(FrozenLLM, Blip2PluginBase):
     ) -> List[str]:
         """Open-ended VQA: one answer per question, generated after `prompt` ("Question: {}
         Answer:" by default, from the task's run config or the model's `vqa_prompt`)."""
-        if inference_method != "generate":
-            raise ValueError(f"{type(self).__name__} answers by generation; inference_method "
-                             f"{inference_method!r} is not supported")
+        if inference_method not in ("generate", "rank"):
+            raise ValueError(f"{type(self).__name__}: inference_method must be 'generate' or 'rank', "
+                             f"got {inference_method!r}")
         template = prompt or self.vqa_prompt
         questions = samples["text_input"]
         if isinstance(questions, str):
             questions = [questions]
         prefixes = [template.format(q) if "{}" in template else template + q for q in questions]
+        if inference_method == "rank":
+            # the candidate with the highest log-likelihood after soft prompts + prefix (models/scoring.py)
+            return self.rank_answers(samples["image"], prefixes, answer_list, num_ans_candidates)
         return self._generate(samples["image"], prefixes, min_length=min_len, do_sample=False,
                               num_beams=num_beams, max_new_tokens=max_len, length_penalty=length_penalty,
                               num_return_sequences=1)

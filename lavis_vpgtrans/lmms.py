@@ -1,0 +1,1 @@
+"""lavis-vpgtrans models in lmms-eval (issue 26): not yet implemented."""

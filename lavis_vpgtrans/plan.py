@@ -1,0 +1,1 @@
+"""A memory plan before launch (issue 25): not yet implemented."""

@@ -54,10 +54,12 @@ import ast
 import collections
 import csv
 import difflib
+import functools
 import hashlib
 import json
 import logging
 import os
+import random
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -77,8 +79,12 @@ FIELDS = {
 }
 CSV_KEYS = {"image": "filepath", "caption": "title"}  # open_clip's columns
 TEXT_FIELD = {CAPTION: "caption", VQA: "answer"}  # the field `types` sets
-FORMATS = ("json", "jsonl", "csv", "tsv", "hf", "parquet")
-UNITS = {"json": "record", "jsonl": "line", "csv": "line", "tsv": "line", "hf": "row", "parquet": "row"}
+IMAGEFOLDER_KEYS = {"caption": "text"}  # HF's imagefolder documents metadata.jsonl with file_name / text
+FORMATS = ("json", "jsonl", "csv", "tsv", "hf", "parquet", "imagefolder", "webdataset")
+UNITS = {"json": "record", "jsonl": "line", "csv": "line", "tsv": "line", "hf": "row", "parquet": "row",
+         "imagefolder": "row"}
+HF_FORMATS = ("hf", "parquet", "imagefolder")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # what imagefolder reads
 DEFAULT_VQA_PROMPT = "Question: {} Answer:"
 VQA_ANSWERS = 10  # one answer is written as VQAv2's ten identical answers: exact match
 
@@ -88,14 +94,26 @@ def _closest(name, known) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
+def is_shard_pattern(path: str) -> bool:
+    return path.endswith(".tar") or any(c in os.path.basename(path) for c in "{*?[")
+
+
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
+            return "hf"
+        subdirs = [path] + [os.path.join(path, d) for d in os.listdir(path)]
+        if any(os.path.isfile(os.path.join(d, m)) for d in subdirs for m in METADATA_FILES):
+            return "imagefolder"
         return "hf"
+    if is_shard_pattern(path):
+        return "webdataset"
     ext = os.path.splitext(path)[1].lower().lstrip(".")
     if ext in ("json", "jsonl", "csv", "tsv", "parquet"):
         return ext
-    raise DataError(f"{path}: cannot tell the format from the name (.json, .jsonl, .csv, .tsv, .parquet, or a "
-                    f"directory written by datasets' save_to_disk); set the dataset's `format`")
+    raise DataError(f"{path}: cannot tell the format from the name (.json, .jsonl, .csv, .tsv, .parquet, .tar "
+                    f"shards, a directory written by datasets' save_to_disk or an imagefolder with "
+                    f"metadata.jsonl); set the dataset's `format`")
 
 
 def _short(value, limit=120) -> str:
@@ -141,6 +159,33 @@ def iter_csv(path: str, separator: str, keys: Dict[str, str]) -> Iterator[Tuple[
             start = reader.line_num + 1
 
 
+# --------------------------------------------------------------------------- text fields
+
+def check_text(value, kind, name, key, where, from_csv=False):
+    """A text field: a string, or a list of strings where `types.<name>` is "list"."""
+    if from_csv and isinstance(value, str):
+        parsed = _list_literal(value)
+        if parsed is not None:
+            value = parsed  # a list as pandas writes one: used with types list, an error with str
+    if value is None:
+        raise DataError(f"{where}: {key!r} has no value")
+    if kind == "str":
+        if isinstance(value, (list, tuple)):
+            raise DataError(f"{where}: {key!r} holds a list ({_short(value)}) where types.{name} is 'str': set "
+                            f"types.{name}: list to use each item" + (" as a reference caption" if name == "caption"
+                                                                      else " as an answer"))
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {key!r} must be a string, got {_short(value)}")
+        if not value.strip():
+            raise DataError(f"{where}: {key!r} is empty")
+        return value.strip()
+    if isinstance(value, str):
+        value = [value]  # one text where a list may stand
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DataError(f"{where}: {key!r} must be a non-empty list of non-empty strings, got {_short(value)}")
+    return [v.strip() for v in value]
+
+
 # --------------------------------------------------------------------------- sources
 
 @dataclass
@@ -151,6 +196,8 @@ class Sources:
     paths: List[str] = field(default_factory=list)
     formats: List[str] = field(default_factory=list)
     hf_images: Dict[int, object] = field(default_factory=dict)  # source index -> Dataset (image column only)
+    # source index -> per row, the image file an Image column refers to (None: bytes held in the dataset)
+    hf_files: Dict[int, List[Optional[str]]] = field(default_factory=dict)
     image_key: str = "image"
 
     def add(self, path: str, fmt: str) -> int:
@@ -160,6 +207,14 @@ class Sources:
 
     def where(self, src: int, at: int) -> str:
         return f"{UNITS[self.formats[src]]} {at} of {self.paths[src]}"
+
+    def image_file(self, ann) -> Optional[str]:
+        """The image file a record reads (None: bytes held in an HF dataset)."""
+        image = ann["image"]
+        if isinstance(image, str):
+            return image
+        files = self.hf_files.get(ann["_src"])
+        return files[image] if files else None
 
     def image_name(self, ann) -> str:
         image = ann["image"]
@@ -187,6 +242,8 @@ class RecordReader:
         keys = dict(FIELDS[self.kind])
         if fmt in ("csv", "tsv"):
             keys.update({k: v for k, v in CSV_KEYS.items() if k in keys})
+        elif fmt == "imagefolder":
+            keys.update({k: v for k, v in IMAGEFOLDER_KEYS.items() if k in keys})
         keys.update(self.user_keys)
         return keys
 
@@ -196,7 +253,7 @@ class RecordReader:
             fmt = self.fmt or detect_format(path)
             src = self.sources.add(path, fmt)
             before = len(records)
-            if fmt in ("hf", "parquet"):
+            if fmt in HF_FORMATS:
                 records.extend(self._read_hf(path, fmt, src))
             else:
                 records.extend(self._read_rows(path, fmt, src))
@@ -234,29 +291,7 @@ class RecordReader:
             yield record
 
     def _text(self, value, name, key, where, from_csv=False):
-        """A text field: a string, or a list of strings where `types.<name>` is "list"."""
-        kind = self.types.get(name, "str")
-        if from_csv and isinstance(value, str):
-            parsed = _list_literal(value)
-            if parsed is not None:
-                value = parsed  # a list as pandas writes one: used with types list, an error with str
-        if value is None:
-            raise DataError(f"{where}: {key!r} has no value")
-        if kind == "str":
-            if isinstance(value, (list, tuple)):
-                raise DataError(f"{where}: {key!r} holds a list ({_short(value)}) where types.{name} is 'str': set "
-                                f"types.{name}: list to use each item" + (" as a reference caption" if name == "caption"
-                                                                          else " as an answer"))
-            if not isinstance(value, str):
-                raise DataError(f"{where}: {key!r} must be a string, got {_short(value)}")
-            if not value.strip():
-                raise DataError(f"{where}: {key!r} is empty")
-            return value.strip()
-        if isinstance(value, str):
-            value = [value]  # one text where a list may stand
-        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v.strip() for v in value):
-            raise DataError(f"{where}: {key!r} must be a non-empty list of non-empty strings, got {_short(value)}")
-        return [v.strip() for v in value]
+        return check_text(value, self.types.get(name, "str"), name, key, where, from_csv=from_csv)
 
     # ---- HF datasets
 
@@ -265,6 +300,8 @@ class RecordReader:
 
         if fmt == "parquet":
             ds = datasets.Dataset.from_parquet(path, cache_dir=self.cache_dir)
+        elif fmt == "imagefolder":
+            ds = self._open_imagefolder(path)
         else:
             state = os.path.join(path, "state.json")
             if os.path.isfile(state):
@@ -275,6 +312,8 @@ class RecordReader:
                 ds = datasets.load_from_disk(path)
             except FileNotFoundError as e:
                 raise DataError(f"{path}: not a directory written by datasets' save_to_disk ({e})") from None
+        if isinstance(ds, datasets.DatasetDict) and len(ds) == 1 and fmt == "imagefolder":
+            ds = next(iter(ds.values()))  # no split directories: imagefolder calls all of it "train"
         if isinstance(ds, datasets.DatasetDict):
             names = [self.split] + (["validation"] if self.split == "val" else [])
             found = next((n for n in names if n in ds), None)
@@ -283,6 +322,21 @@ class RecordReader:
                                 f"{sorted(ds)}); give the split's own directory")
             ds = ds[found]
         return ds
+
+    def _open_imagefolder(self, path):
+        """HF's imagefolder loader (packaged with datasets: nothing is downloaded); its errors
+        name the directory."""
+        import datasets
+
+        if not any(os.path.isfile(os.path.join(d, m)) for d in [path] + [os.path.join(path, x) for x in os.listdir(path)]
+                   for m in METADATA_FILES):
+            raise DataError(f"{path}: an imagefolder without {' / '.join(METADATA_FILES)} (the captions, with a "
+                            f"file_name column naming each image)")
+        try:
+            return datasets.load_dataset("imagefolder", data_dir=path, cache_dir=self.cache_dir)
+        except (ValueError, FileNotFoundError, KeyError, TypeError, datasets.exceptions.DatasetGenerationError) as e:
+            cause = e.__cause__ if isinstance(e, datasets.exceptions.DatasetGenerationError) and e.__cause__ else e
+            raise DataError(f"{path}: HF's imagefolder cannot load it ({type(cause).__name__}: {cause})") from e
 
     def _read_hf(self, path, fmt, src) -> Iterator[dict]:
         import datasets
@@ -299,6 +353,7 @@ class RecordReader:
         if isinstance(image_feature, datasets.Image):
             self.sources.hf_images[src] = ds.select_columns([keys["image"]])
             self.sources.image_key = keys["image"]
+            self.sources.hf_files[src] = _image_files(ds, keys["image"])
         elif isinstance(image_feature, datasets.Value) and image_feature.dtype in ("string", "large_string"):
             paths = _column(ds, keys["image"])
         else:
@@ -330,6 +385,18 @@ class RecordReader:
             for name, column in texts.items():
                 record[name] = self._text(column[row], name, keys[name], where)
             yield record
+
+
+def _image_files(ds, key) -> List[Optional[str]]:
+    """Per row, the file an Image column refers to where it holds no bytes (imagefolder, or
+    Image() cast from paths), read through arrow without touching any bytes."""
+    paths = []
+    for chunk in ds.data.column(key).chunks:
+        if not hasattr(chunk, "field"):
+            return [None] * len(ds)
+        no_bytes = chunk.field("bytes").is_null().to_pylist()
+        paths.extend(p if empty else None for p, empty in zip(chunk.field("path").to_pylist(), no_bytes))
+    return paths
 
 
 def _column(ds, key) -> list:
@@ -528,7 +595,7 @@ class OwnDataBuilder(LocalFilesBuilder):
             if not ann.storage:
                 raise DataError(f"dataset {name!r}: build_info.annotations.{split}.storage names no file")
             for path in ann.storage:
-                if not os.path.exists(path):
+                if not os.path.exists(path) and not is_shard_pattern(path):  # shards: checked when expanded
                     raise FileNotFoundError(f"dataset {name!r}: {split} annotation file not found: {path}")
         images = self.config.build_info.get("images", None)
         root = images.get("storage", None) if images is not None else None
@@ -555,6 +622,42 @@ class OwnDataBuilder(LocalFilesBuilder):
         return dict(keys=keys, types=types, fmt=fmt, csv_separator=self.config.get("csv_separator", None),
                     image_root=root or None)
 
+    def _split_format(self, split, paths, fmt) -> str:
+        """webdataset when the split's files are shards (they cannot be mixed with record files)."""
+        formats = [fmt or detect_format(p) for p in paths]
+        if "webdataset" in formats and set(formats) != {"webdataset"}:
+            raise DataError(f"dataset {self._name()!r} {split}: webdataset shards and record files in one split "
+                            f"({paths}); give them as two datasets mixed by run.train_dataset_ratios")
+        return formats[0]
+
+    def _build_stream(self, split, paths, options, skip):
+        """The training split from webdataset shards: an endless stream (shard_stream.py)."""
+        from lavis_vpgtrans.datasets.shard_stream import SHARD_KEYS, ShardStream, expand_shards
+
+        name = self._name()
+        if split != "train":
+            raise DataError(f"dataset {name!r} {split}: webdataset shards are a training format here (a stream has "
+                            f"no length and no ground truth); give the evaluation split as records (JSON / JSONL / "
+                            f"CSV / HF / imagefolder)")
+        run_cfg = self._run_cfg()
+        if run_cfg is not None and not run_cfg.get("iters_per_inner_epoch", None):
+            raise DataError(f"dataset {name!r} train: webdataset shards are streamed without a length: train "
+                            f"iteration-based (set run.iters_per_inner_epoch and run.max_iters)")
+        fields = {**SHARD_KEYS[self.kind], **options["keys"]}
+        types = options["types"]
+        if self.kind == CAPTION:
+            make = functools.partial(_caption_sample, self.vis_processors["train"], self.text_processors["train"])
+        else:
+            make = functools.partial(_vqa_sample, self.vis_processors["train"], self.text_processors["train"],
+                                     self._prompt())
+        seed = run_cfg.get("seed", 0) if run_cfg is not None else 0
+        shuffle_buffer = self.config.get("shuffle_buffer", None) or 1000
+        stream = ShardStream(expand_shards(paths), fields, types, make, functools.partial(_shard_text, types),
+                             shuffle_buffer=shuffle_buffer, seed=seed, skip_bad_samples=skip, name=name)
+        logging.info("%s train: a stream of %d shard(s), %s ... %s (shuffle buffer %d)", name, len(stream.shards),
+                     stream.shards[0], stream.shards[-1], stream.shuffle_buffer)
+        return stream
+
     def build(self):
         self.build_processors()
         run_cfg = self._run_cfg()
@@ -563,6 +666,9 @@ class OwnDataBuilder(LocalFilesBuilder):
         cache_root = registry.get_path("cache_root")
         datasets = {}
         for split, ann in self.config.build_info.annotations.items():
+            if self._split_format(split, list(ann.storage), options["fmt"]) == "webdataset":
+                datasets[split] = self._build_stream(split, list(ann.storage), options, skip)
+                continue
             reader = RecordReader(self.kind, split=split, cache_dir=os.path.join(cache_root, "hf_datasets"), **options)
             records = reader.read(list(ann.storage))
             train = split == "train"
@@ -577,8 +683,8 @@ class OwnDataBuilder(LocalFilesBuilder):
     def _check_images(self, records, sources, split, skip):
         missing = {}
         for record in records:
-            image = record["image"]
-            if isinstance(image, str) and image not in missing and not os.path.isfile(image):
+            image = sources.image_file(record)
+            if image and image not in missing and not os.path.isfile(image):
                 missing[image] = sources.where(record["_src"], record["_at"])
         if not missing:
             return
@@ -673,6 +779,25 @@ class OwnVQABuilder(OwnDataBuilder):
         logging.info("%s %s: official VQA question / annotation files (%d questions) written to %s, %s",
                      self._name(), split, len(annotation), dataset.coco_fmt_qust_file, dataset.coco_fmt_anno_file)
         return dataset
+
+
+def _shard_text(types, value, name, key, where):
+    return check_text(value, types.get(name, "str"), name, key, where)
+
+
+def _caption_sample(vis_processor, text_processor, fields, image):
+    captions = fields["caption"]
+    caption = captions if isinstance(captions, str) else random.choice(captions)  # types list: one per visit
+    return {"image": vis_processor(image), "text_input": text_processor(caption)}
+
+
+def _vqa_sample(vis_processor, text_processor, prompt, fields, image):
+    answers = fields["answer"] if isinstance(fields["answer"], list) else [fields["answer"]]
+    normalized = [normalize_answer(a) for a in answers]
+    question = text_processor(fields["question"])
+    prefix = prompt.format(question) if "{}" in prompt else prompt + question
+    return {"image": vis_processor(image), "text_input": prefix,
+            "text_output": answers[normalized.index(most_frequent(normalized))]}
 
 
 def _image_key(record):

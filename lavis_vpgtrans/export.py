@@ -20,7 +20,9 @@ generation_config.stop_strings, which Blip2's generate() does not read by itself
 its set-up at every call (0.9-1.0 s for Llama-3's and Qwen3's vocabularies: transformers' cache
 of it misses), build `StopStringCriteria(processor.tokenizer, model.generation_config.stop_strings)`
 once and pass it in `stopping_criteria`, as our models do (models/llm.py stop_on_text).
-VL-Vicuna in conversation mode does not fit the layout and is refused.
+VL-Vicuna in conversation mode does not fit the layout and is refused. LoRA adapters on the
+LLM (llm_lora) are merged into its weights (peft's merge_and_unload); the LLM is exported
+unquantised (a model loaded with llm_quantization is refused; the command line loads it without).
 
 What the layout cannot hold, measured at every export. transformers' Blip2VisionModel has one
 LayerNorm eps (vision_config.layer_norm_eps) for the ViT blocks' norms and for post_layernorm
@@ -264,9 +266,16 @@ def export_hf_blip2(model, vis_processor, out: str, overwrite: bool = False, pro
         # the legacy BLIP-2 layout has them only in front of the text
         raise ValueError(f"{type(model).__name__} is in conversation mode (conv_template set); only models that "
                          f"put the soft prompts in front of the text are exported")
+    if getattr(model, "llm_quantization", None) is not None:
+        raise ValueError(f"{type(model).__name__}: its LLM is quantised ({model.llm_quantization.describe()}); the "
+                         f"export writes the LLM unquantised: load the model without llm_quantization")
     out = os.path.abspath(out)
     if os.path.exists(out) and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+    if getattr(model, "llm_lora", None) is not None:
+        # the exported LLM is a plain transformers model: the adapters go into its weights
+        logger.info("merging the LLM's LoRA adapters into its weights (merge_and_unload)")
+        model.merge_lora()
     config = blip2_config(model)
     measurement = choose_vision_eps(model, config, probe_images(vis_processor, probe_paths))
     config.vpgtrans_export = measurement
@@ -330,8 +339,10 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO)
     if os.path.exists(args.out) and not args.overwrite:
         parser.error(f"{args.out} exists; pass --overwrite to replace it")
+    # the LLM unquantised whatever the checkpoint's run used (its weights are exported); the
+    # run's LoRA adapters, if any, come from the checkpoint's config (load_chat_model)
     model, vis_processor = load_chat_model(args.model_arch, args.model_type, checkpoint=args.checkpoint,
-                                           device="cpu", options=args.options)
+                                           device="cpu", options=[*args.options, "llm_quantization=null"])
     out = export_hf_blip2(model, vis_processor, args.out, overwrite=args.overwrite, probe_paths=args.probe_images)
     print(describe_measurement(recorded_measurement(out)))
     print(out)

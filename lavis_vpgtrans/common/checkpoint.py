@@ -263,18 +263,20 @@ def trainable_state(module: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def load_trained_state(module: torch.nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
-                       what: str = "checkpoint") -> LoadReport:
+                       what: str = "checkpoint", optional: Callable[[str], bool] = None) -> LoadReport:
     """A training checkpoint's weights (trainable parameters only, as our runner writes them, or
     trainable parameters + persistent buffers, as LAVIS's and the VPGTrans runner write them):
     every key must fit the module and every trainable parameter must be there; frozen weights
     (ViT, LLM) keep their values. Frozen-LLM buffers the module does not have
     (FROZEN_LLM_BUFFERS) are dropped by design and reported; any other unknown key is an error.
     The same rules for a sharded module (run.fsdp): the checkpoint's full tensors are loaded
-    into each rank's shards (every rank must call this, with the same state)."""
+    into each rank's shards (every rank must call this, with the same state). `optional`: trainable
+    parameters the file may lack (they keep their values; e.g. fresh LoRA adapters)."""
     if sharding.is_sharded(module):
         sharding.resharded(module)  # the sharded parameters, not the copies an evaluation gathered
     own = module.state_dict()
-    report = load_state_with_report(module, state_dict, source, required=list(trainable_state(module)),
+    required = [k for k in trainable_state(module) if not (optional and optional(k))]
+    report = load_state_with_report(module, state_dict, source, required=required,
                                     drop=lambda k: k not in own and bool(FROZEN_LLM_BUFFERS.match(k)))
     report.log(what)
     return report

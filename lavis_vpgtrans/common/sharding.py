@@ -127,11 +127,31 @@ def apply_activation_checkpointing(model: nn.Module, cfg: CheckpointingConfig) -
             checkpoint(layer)
 
 
+# bitsandbytes' parameter classes of quantised weights (models/kbit.py), by name: not imported here
+QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")
+
+
+def refuse_unshardable(model: nn.Module) -> None:
+    """run.fsdp with a k-bit LLM (llm_quantization) or LoRA adapters on it (llm_lora): refused,
+    naming the keys. FSDP2 flattens and shards parameters as plain tensors: bitsandbytes' packed
+    weights would lose their quantisation state, and adapters inside sharded blocks are not
+    tested. A quantised LLM is what makes a target fit one GPU without sharding."""
+    quantized = [n for n, p in model.named_parameters() if type(p).__name__ in QUANTIZED_PARAM_CLASSES]
+    adapters = [n for n, _ in model.named_parameters() if ".lora_" in n]
+    for keys, what, key in ((quantized, "bitsandbytes-quantised weights", "model.llm_quantization"),
+                            (adapters, "LoRA adapters", "model.llm_lora")):
+        if keys:
+            shown = ", ".join(keys[:3]) + (f", ... ({len(keys) - 3} more)" if len(keys) > 3 else "")
+            raise ValueError(f"run.fsdp cannot shard {what} ({shown}): remove run.fsdp (one process, or DDP "
+                             f"with torchrun) or {key}")
+
+
 def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
     """Applies `fully_shard` in place (FSDP2 changes the modules' classes, not their names, so
     state-dict keys are unchanged) and returns the model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    refuse_unshardable(model)
     sync_from_rank0(model)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     units = (llm_blocks(model.llm_model) if cfg.shard_llm else []) + (vit_blocks(model) if cfg.shard_vit else [])

@@ -23,6 +23,8 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Stopp
                           T5ForConditionalGeneration)
 
 from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.models.kbit import QuantizationSpec, load_quantized
+from lavis_vpgtrans.models.lora import LoraSpec, add_lora, merged
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +94,9 @@ class FrozenLLM:
     # Set by common.sharding.shard_model: every rank runs generate's decoding steps until all
     # ranks are done (transformers' synced_gpus), as each step gathers the sharded LLM.
     synced_generation: bool = False
+    # Set by init_llm from `llm_quantization` / `llm_lora` (models/kbit.py, models/lora.py).
+    llm_quantization: Optional[QuantizationSpec] = None
+    llm_lora: Optional[LoraSpec] = None
 
     def init_llm(self, llm_model: str, llm_precision: str = "fp16", llm_config: Optional[dict] = None,
                  end_sym=CLASS_DEFAULT, label_bos: bool = True, quantization: Optional[dict] = None,
@@ -110,11 +115,20 @@ class FrozenLLM:
         llm_cls = T5ForConditionalGeneration if self.is_encoder_decoder else AutoModelForCausalLM
         if llm_config is None:
             llm_config = LAVIS_LLM_CONFIG.get(llm_cfg.model_type, {})
-        self.llm_model = llm_cls.from_pretrained(path, torch_dtype=self.llm_dtype, **dict(llm_config))
+        # k-bit (models/kbit.py) and LoRA (models/lora.py): checked before anything loads
+        self.llm_quantization = QuantizationSpec.parse(quantization)
+        self.llm_lora = LoraSpec.parse(lora)
+        if self.llm_quantization is None:
+            self.llm_model = llm_cls.from_pretrained(path, torch_dtype=self.llm_dtype, **dict(llm_config))
+        else:
+            self.llm_model = load_quantized(llm_cls, path, self.llm_dtype, self.llm_quantization, dict(llm_config))
         for param in self.llm_model.parameters():
             param.requires_grad = False
-        if quantization or lora:
-            raise NotImplementedError("llm_quantization / llm_lora: not yet implemented (issue 25)")
+        if self.llm_lora is not None:
+            # a PeftModel: forward / generate / config / get_input_embeddings as the model's own
+            self.llm_model = add_lora(self.llm_model, self.llm_lora, quantized=self.llm_quantization is not None)
+            for param in self.llm_model.parameters():
+                param.requires_grad = False  # the model's set_trainable decides when the adapters train
         if self.llm_tokenizer.pad_token is None:
             # LLaMA / Vicuna ship no pad token; padding is masked out, so any id will do.
             self.llm_tokenizer.pad_token = self.llm_tokenizer.unk_token or self.llm_tokenizer.eos_token
@@ -123,6 +137,20 @@ class FrozenLLM:
         # Prepended to every decoder-only text (training, generation, chat) as the tokenizer does.
         self.bos_ids = [] if self.is_encoder_decoder else leading_special_ids(self.llm_tokenizer)
         self.label_bos = bool(label_bos)
+
+    def merge_lora(self) -> None:
+        """The adapters merged into the LLM's weights (peft's merge_and_unload): afterwards
+        `llm_model` is the plain transformers model, which generates as the adapted one did
+        (the export does this before writing the LLM). A quantised LLM is refused: its merged
+        weights would be rounded again."""
+        if self.llm_lora is None:
+            return
+        if self.llm_quantization is not None:
+            raise ValueError(f"{type(self).__name__}: LoRA adapters are merged into an unquantised LLM only "
+                             f"(llm_quantization: {self.llm_quantization.describe()}): load it without "
+                             f"llm_quantization, then merge")
+        self.llm_model = merged(self.llm_model)
+        self.llm_lora = None
 
     def maybe_autocast(self, dtype=None):
         """Autocast in `dtype` (default: the LLM's precision) on the model's device, CUDA or CPU,

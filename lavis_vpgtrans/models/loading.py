@@ -9,12 +9,24 @@ Every model class of the plugin is registered by then: importing any module of l
 runs the package's __init__ first.
 """
 
+import logging
 from typing import Dict, Sequence
 
 import torch
 from lavis.common.registry import registry
 from lavis.models import load_preprocess
 from omegaconf import OmegaConf
+
+
+def checkpoint_llm_lora(checkpoint: str):
+    """The `model.llm_lora` of the run that wrote a training checkpoint (our runner saves its
+    config), or None (no LoRA, or a file without a config, e.g. vl-vicuna.pth)."""
+    from lavis_vpgtrans.common.checkpoint import load_checkpoint_file
+    from lavis_vpgtrans.common.paths import resolve_path
+
+    config = load_checkpoint_file(resolve_path(checkpoint)).get("config", None)
+    model = config.get("model", None) if isinstance(config, dict) else None
+    return model.get("llm_lora", None) if isinstance(model, dict) else None
 
 
 def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b", llm_model: str = None,
@@ -24,7 +36,10 @@ def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b",
     `llm_model`: the local LLM dir (e.g. Vicuna-7B v0 for the released VL-Vicuna);
     `checkpoint`: a trained model's checkpoint (trainable parameters only, e.g. vl-vicuna.pth
     or a stage-3 run's checkpoint_3.pth), replacing the model type's `finetuned`;
-    `options`: more model config overrides, "key=value" (e.g. "llm_precision=fp32").
+    `options`: more model config overrides, "key=value" (e.g. "llm_precision=fp32", or
+    "llm_quantization.bits=4" for the LLM in 4-bit).
+    A checkpoint of a run with LoRA adapters on the LLM (llm_lora) is loaded with that run's
+    llm_lora (from the config the checkpoint holds) unless the options set one.
     """
     cls = registry.get_model_class(arch)
     if cls is None:
@@ -36,6 +51,11 @@ def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b",
     if checkpoint:
         overrides.update(load_finetuned=True, finetuned=checkpoint)
     model_cfg = OmegaConf.merge(cfg.model, overrides, OmegaConf.from_dotlist(list(options)))
+    if checkpoint and model_cfg.get("llm_lora", None) is None:
+        lora = checkpoint_llm_lora(checkpoint)
+        if lora:  # the adapters it holds need LoRA layers of the run's shape
+            logging.getLogger(__name__).info("llm_lora from %s's run config: %s", checkpoint, lora)
+            model_cfg.llm_lora = lora
     if not model_cfg.get("llm_model", None):
         raise ValueError(f"model type {model_type!r} names no LLM: pass the local LLM directory "
                          f"(--llm-model DIR)")

@@ -19,10 +19,14 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from lavis_vpgtrans.common.checkpoint import CheckpointError, load_checkpoint_file, load_state_with_report
+from lavis_vpgtrans.common.checkpoint import (CheckpointError, load_checkpoint_file, load_state_with_report,
+                                              load_trained_state)
 from lavis_vpgtrans.common.paths import resolve_path
 from lavis_vpgtrans.models.base import VIT_DTYPES, Blip2PluginBase
+from lavis_vpgtrans.models.kbit import QuantizationSpec
 from lavis_vpgtrans.models.llm import CLASS_DEFAULT, FrozenLLM, check_llm_args, pad_rows
+from lavis_vpgtrans.models.lora import LoraSpec, is_lora_parameter
+from lavis_vpgtrans.models.lora import dropout_modules as lora_dropout_modules
 from lavis_vpgtrans.models.pformer_encoder import alignment_loss, load_frozen_pformer
 from lavis_vpgtrans.models.projector import known_projector_names
 from lavis_vpgtrans.models.scoring import LogLikelihoodScorer
@@ -77,6 +81,7 @@ class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
         if self.projector_name is None:
             raise TypeError(f"{type(self).__name__} must set `projector_name`")
         check_llm_args(type(self).__name__, llm_model, llm_precision)  # before the ViT is built
+        QuantizationSpec.parse(llm_quantization), LoraSpec.parse(llm_lora)  # (their errors too)
 
         self.visual_encoder, self.ln_vision = self.init_vision_encoder(
             vit_model, img_size, drop_path_rate, use_grad_checkpoint, vit_precision)
@@ -119,12 +124,45 @@ class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
 
     def set_trainable(self, train_vpg: bool) -> None:
         """Projector only (`train_vpg=False`, stage 1) or jointly with the VPG's Q-Former,
-        query tokens and ln_vision (stage 2). The ViT and the LLM never train."""
+        query tokens and ln_vision (stage 2; stage 3), and then the LLM's LoRA adapters too when
+        there are (llm_lora). The ViT and the LLM's own weights never train."""
         self.train_vpg = bool(train_vpg)
         trainable = self.trainable_prefixes()
         for name, param in self.named_parameters():
-            param.requires_grad = name.startswith(trainable)
+            param.requires_grad = name.startswith(trainable) or (self.train_vpg and self.is_adapter(name))
+        if self.llm_lora is not None and not self.train_vpg:
+            logger.info("llm_lora: the adapters train with the VPG (train_vpg: true), not in this stage")
         self.train(self.training)
+
+    @staticmethod
+    def is_adapter(name: str) -> bool:
+        """A LoRA adapter's parameter of the LLM (llm_lora)."""
+        return name.startswith("llm_model.") and is_lora_parameter(name)
+
+    def train(self, mode: bool = True):
+        """Frozen parts in eval mode (PluginModel.train); the LLM's LoRA dropout follows `mode`
+        while the adapters train."""
+        super().train(mode)
+        if self.llm_lora is not None:
+            for module in lora_dropout_modules(self.llm_model):
+                module.train(mode and getattr(self, "train_vpg", False))
+        return self
+
+    def load_checkpoint(self, url_or_filename: str):
+        """A trained model's checkpoint (PluginModel.load_checkpoint). With llm_lora, a checkpoint
+        without any adapter (e.g. stage 2 trained without LoRA, as stage 3's `finetuned`) leaves
+        the adapters at their initialisation (B = 0: the LLM unchanged), which is logged; one with
+        some adapters must hold them all. Resuming a run (the runner) always needs them all."""
+        if self.llm_lora is None:
+            return super().load_checkpoint(url_or_filename)
+        path = resolve_path(url_or_filename)
+        state = load_checkpoint_file(path)["model"]
+        fresh = not any(self.is_adapter(k) for k in state)
+        if fresh:
+            logger.info("%s holds no LoRA adapter: the adapters start from their initialisation", path)
+        report = load_trained_state(self, state, path, self.checkpoint_what,
+                                    optional=self.is_adapter if fresh else None)
+        return report
 
     def trainable_prefixes(self) -> tuple:
         return (self.projector_name + ".",) + (TRAINABLE_VPG_PREFIXES if self.train_vpg else ())

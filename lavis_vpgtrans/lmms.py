@@ -1,1 +1,0 @@
-"""lavis-vpgtrans models in lmms-eval (issue 26): not yet implemented."""

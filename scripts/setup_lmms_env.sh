@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Builds .venv/lmms-eval/: lmms-eval 0.7.3 and this plugin (its `lmms_eval.models` entry point),
+# layered over .venv. Idempotent: does nothing when the env matches .venv, setup.py and this script.
+#
+# Why a separate environment: lmms-eval 0.7.3 pins wandb==0.25.0, which needs protobuf<7, and
+# .venv has protobuf 7 (`pip install --dry-run -c <.venv's pins> lmms-eval==0.7.3` ends in
+# ResolutionImpossible). Why layered: torch and the rest of the stack are gigabytes, so the env
+# reuses .venv's packages (a .pth file adds .venv's site-packages after its own) and installs
+# only what lmms-eval adds, under constraints that hold every package of .venv at its version
+# except protobuf and wandb, which the env shadows. .venv itself is never written to.
+#
+#   scripts/setup_lmms_env.sh && .venv/lmms-eval/bin/python -m lmms_eval --model vpgtrans_opt ...
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ENV_DIR=.venv/lmms-eval
+LMMS_EVAL_VERSION=0.7.3
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup_lmms_env] .venv not found: run scripts/setup_env.sh first" >&2
+  exit 1
+fi
+pins=$(.venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check)
+stamp=$( { cat "$0" setup.py; echo "$pins"; } | sha256sum | cut -d' ' -f1)
+if [ -f "$ENV_DIR/.installed" ] && [ "$(cat "$ENV_DIR/.installed")" = "$stamp" ]; then
+  exit 0
+fi
+
+echo "[setup_lmms_env] building $ENV_DIR (lmms-eval $LMMS_EVAL_VERSION over .venv)"
+rm -rf "$ENV_DIR"
+base_python=$(.venv/bin/python -c "import os, sys; print(os.path.join(sys.base_prefix, 'bin', 'python3'))")
+"$base_python" -m venv --without-pip "$ENV_DIR"  # pip comes from .venv, through the .pth below
+purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
+venv_site=$(purelib .venv/bin/python)
+# addsitedir (not a bare path line): .venv's own .pth files (the plugin's editable install) run too
+echo "import site; site.addsitedir('$venv_site')" > "$(purelib "$ENV_DIR/bin/python")/_vpgtrans_base_venv.pth"
+echo "$pins" | grep -viE '^(protobuf|wandb)==' > "$ENV_DIR/constraints.txt"
+"$ENV_DIR/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ENV_DIR/constraints.txt" \
+  --no-build-isolation -e ".[lmms-eval]" "protobuf<7"
+# .venv unchanged (pip does not uninstall outside the env it installs into; checked, not assumed)
+if [ "$(.venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check)" != "$pins" ]; then
+  echo "[setup_lmms_env] error: installing lmms-eval changed .venv's packages" >&2
+  exit 1
+fi
+"$ENV_DIR/bin/python" -c "from lmms_eval.models import get_model; get_model('vpgtrans_opt')"
+echo "$stamp" > "$ENV_DIR/.installed"
+echo "[setup_lmms_env] done"

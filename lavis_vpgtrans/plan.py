@@ -1,1 +1,0 @@
-"""A memory plan before launch (issue 25): not yet implemented."""

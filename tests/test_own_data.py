@@ -379,7 +379,8 @@ def example_layout(name, root, toy):
 
 
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(OWN_CONFIGS)
-                                         if not n.startswith("instruct")))  # instruct_*: test_own_instruct.py
+                                         if not n.startswith(("instruct", "caption_webdataset"))))
+# instruct_*: test_own_instruct.py; caption_webdataset: test_own_data_formats.py
 def test_example_configs_build_their_documented_layout(plugin, toy, tmp_path, name):
     """Each projects/own_data config (no absolute paths) passes the config check and builds its
     splits from the layout its comments document."""

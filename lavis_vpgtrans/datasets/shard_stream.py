@@ -90,29 +90,42 @@ class ShardStream(wds.DataPipeline):
         self.skip_bad_samples = skip_bad_samples
         self.ann_paths = self.shards  # what logs and errors name
         self.skipped = multiprocessing.Value("i", 0)  # shared with DataLoader worker processes
-        self._warned_few = False
 
     # ---- the pipeline
 
-    def iterator(self):
+    def reader(self):
+        """(slot, slots): this reader among ranks x DataLoader workers."""
         rank, world, worker, workers = pytorch_worker_info()
-        slot, slots = rank * workers + worker, world * workers
+        return rank * workers + worker, world * workers
+
+    def shards_of_pass(self, epoch: int) -> List[str]:
+        """This reader's shards in pass `epoch`: the shards ordered by (seed, epoch), dealt in
+        turn to the readers (each shard to one reader, unless there are fewer shards than readers)."""
+        slot, slots = self.reader()
+        order = list(self.shards)
+        random.Random(f"{self.seed} pass {epoch}").shuffle(order)
+        return [order[i % len(order)] for i in range(slot, max(len(order), slots), slots)]
+
+    def one_pass(self, epoch: int, rng=None):
+        """The samples of this reader's shards in pass `epoch`, shuffled in the buffer."""
+        mine = self.shards_of_pass(epoch)
+        counts = {"read": 0, "used": 0}
+        yield from _shuffle(self._samples(mine, counts), bufsize=self.shuffle_buffer,
+                            initial=self.shuffle_buffer, rng=rng or random.Random(f"{self.seed} {epoch}"))
+        if counts["read"] == 0:
+            raise DataError(f"{self.name}: no samples in {', '.join(mine)}")
+        if counts["used"] == 0:
+            raise DataError(f"{self.name}: every sample of {', '.join(mine)} was skipped as unreadable")
+
+    def iterator(self):
+        slot, slots = self.reader()
         if len(self.shards) < slots and slot == 0:
             logging.warning("%s: %d shard(s) for %d readers (ranks x DataLoader workers): some shards are read by "
                             "several of them each pass", self.name, len(self.shards), slots)
         rng = random.Random(f"{self.seed} {slot}")  # the shuffle buffer's, one per reader
         epoch = 0
         while True:
-            order = list(self.shards)
-            random.Random(f"{self.seed} pass {epoch}").shuffle(order)
-            mine = [order[i % len(order)] for i in range(slot, max(len(order), slots), slots)]
-            counts = {"read": 0, "used": 0}
-            yield from _shuffle(self._samples(mine, counts), bufsize=self.shuffle_buffer,
-                                initial=self.shuffle_buffer, rng=rng)
-            if counts["read"] == 0:
-                raise DataError(f"{self.name}: no samples in {', '.join(mine)}")
-            if counts["used"] == 0:
-                raise DataError(f"{self.name}: every sample of {', '.join(mine)} was skipped as unreadable")
+            yield from self.one_pass(epoch, rng)
             epoch += 1
 
     def _samples(self, shards, counts):

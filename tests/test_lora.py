@@ -161,6 +161,9 @@ def test_a_checkpoint_without_adapters_starts_them_fresh_stage_1_leaves_them_fro
     torch.save({"model": stage2.trainable_state_dict()}, tmp_path / "no_lora.pth")
     model = load_tiny("blip2_t5_transfer", "tiny_t5", llm_lora=True, load_finetuned=True,
                       finetuned=str(tmp_path / "no_lora.pth"))
+    samples = {"image": torch.randn(2, 3, 32, 32), "text_input": ["", ""], "text_output": ["a red square", "two"]}
+    with torch.no_grad():  # fresh adapters (B = 0) leave the LLM as it was
+        assert model.eval()(samples)["loss"].item() == stage2.eval()(samples)["loss"].item()
     adapters = [n for n, p in model.named_parameters() if model.is_adapter(n)]
     # peft's default targets for T5: q and v of every attention (encoder self, decoder self and cross)
     assert adapters and {n.split(".lora_")[0].rsplit(".", 1)[1] for n in adapters} == {"q", "v"}

@@ -190,6 +190,27 @@ def quantized_parameter_names(module) -> List[str]:
     return [n for n, p in module.named_parameters() if type(p).__name__ in QUANTIZED_PARAM_CLASSES]
 
 
+class _Once(logging.Filter):
+    """Passes each distinct message once."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        if message in self.seen:
+            return False
+        self.seen.add(message)
+        return True
+
+
+def _warn_once_per_message(logger_name: str) -> None:
+    log = logging.getLogger(logger_name)
+    if not any(isinstance(f, _Once) for f in log.filters):
+        log.addFilter(_Once())
+
+
 def load_quantized(llm_cls, path: str, torch_dtype: torch.dtype, spec: QuantizationSpec, llm_config: dict,
                    device: Optional[str] = None):
     """`llm_cls.from_pretrained(path)` with its linear layers quantised as `spec` says: by
@@ -201,6 +222,10 @@ def load_quantized(llm_cls, path: str, torch_dtype: torch.dtype, spec: Quantizat
         llm = llm_cls.from_pretrained(path, torch_dtype=torch_dtype, **llm_config)
         count = quantize_in_place(llm, spec)
         how = f"bitsandbytes' modules on the CPU ({count} linear layers)"
+    if spec.bits == 8:
+        # bitsandbytes logs "inputs will be cast ... to float16" at every 8-bit matmul whose input is
+        # not fp16 (each layer of each step with an fp32 / bf16 LLM): once is enough
+        _warn_once_per_message("bitsandbytes.autograd._functions")
     kept = [n for n, m in llm.named_modules() if type(m) is torch.nn.Linear]
     logger.info("LLM %s: %s through %s; linear layers kept unquantised: %s", path, spec.describe(), how,
                 ", ".join(kept) or "none")

@@ -125,8 +125,11 @@ class FrozenLLM:
         for param in self.llm_model.parameters():
             param.requires_grad = False
         if self.llm_lora is not None:
-            # a PeftModel: forward / generate / config / get_input_embeddings as the model's own
-            self.llm_model = add_lora(self.llm_model, self.llm_lora, quantized=self.llm_quantization is not None)
+            # a PeftModel: forward / generate / config / get_input_embeddings as the model's own.
+            # Its random init on a forked RNG: the parts built after it (the projector) start as
+            # without LoRA, so runs with and without adapters compare from the same start
+            with torch.random.fork_rng(devices=[]):
+                self.llm_model = add_lora(self.llm_model, self.llm_lora, quantized=self.llm_quantization is not None)
             for param in self.llm_model.parameters():
                 param.requires_grad = False  # the model's set_trainable decides when the adapters train
         if self.llm_tokenizer.pad_token is None:

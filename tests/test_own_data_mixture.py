@@ -136,6 +136,8 @@ def test_a_ratio_mixture_drops_skipped_samples_like_a_single_training_set():
             return default_collate(samples)
 
     class Runner(Loaders):
+        infinite_train_loader = True  # iteration-based
+
         def __init__(self, ratios):
             self._dataloaders = None
             self.datasets = {"own_caption": {"train": Samples()}, "toy_caption": {"train": Samples()}}
@@ -153,3 +155,72 @@ def test_a_ratio_mixture_drops_skipped_samples_like_a_single_training_set():
         (train_collate,) = runner.collate_fns
         for collate in (train_collate if isinstance(train_collate, list) else [train_collate]):
             assert collate([{"x": torch.tensor(1)}, None])["x"].tolist() == [1], ratios
+
+
+def test_two_own_sets_mix_by_ratio_in_an_epoch_based_run(tmp_path, toy_zoo):
+    """Two datasets of one builder in a config (`builder: own_caption` under names of the user's
+    own: a JSONL set and a CSV set written by pandas), mixed by run.train_dataset_ratios in an
+    epoch-based run (max_epoch, no iters_per_inner_epoch): an epoch is as many batches as the
+    two sets hold together, each drawn from one set by the ratios."""
+    import pandas as pd
+    import yaml
+
+    data = os.path.join(toy_zoo, "data")
+    with open(os.path.join(data, "annotations", "caption_train.json")) as f:
+        captions = json.load(f)
+    own = tmp_path / "own"
+    own.mkdir()
+    with open(own / "products.jsonl", "w") as f:
+        for r in captions[:16]:
+            f.write(json.dumps({"image": r["image"], "caption": r["caption"]}) + "\n")
+    pd.DataFrame({"filepath": [r["image"] for r in captions[16:24]],
+                  "title": [r["caption"] for r in captions[16:24]]}).to_csv(own / "faces.csv", index=False)
+    small = {"name": "blip_image_eval", "image_size": 32}
+
+    def own_set(storage, keys):
+        return {"builder": "own_caption", "data_root": str(own), "keys": keys,
+                "vis_processor": {"train": small, "eval": small},
+                "build_info": {"annotations": {"train": {"storage": storage}},
+                               "images": {"storage": os.path.join(data, "images")}}}
+
+    path = write_config(tmp_path / "mix.yaml", own, os.path.join(data, "images"), tmp_path / "out")
+    with open(path) as f:
+        config = yaml.safe_load(f)
+    config["datasets"] = {"products": own_set("products.jsonl", {"image": "image", "caption": "caption"}),
+                          "faces": own_set("faces.csv", {"image": "filepath", "caption": "title"})}
+    run_cfg = config["run"]
+    del run_cfg["iters_per_inner_epoch"], run_cfg["max_iters"]
+    run_cfg.update(max_epoch=1, batch_size_train=2, train_dataset_ratios={"products": 0.25, "faces": 0.75})
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    report = tmp_path / "report"
+    report.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MIXTURE_REPORT": str(report)}
+    proc = subprocess.run([sys.executable, os.path.join(REPO, "tests", "mixture_driver.py"), "--cfg-path", path],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert re.search(r"products train: 16 samples from .*products\.jsonl", out), out[-3000:]
+    assert re.search(r"faces train: 8 samples from .*faces\.csv", out), out[-3000:]
+    with open(report / "rank0.json") as f:
+        record = json.load(f)
+    # one epoch = (16 + 8) / 2 batches, drawn about 1:3: products expects 3 of 12 (sd 1.5; the draws
+    # are seeded, so the count is fixed), a concatenation would give 8. The loaders follow the
+    # config's dataset order, which yaml.safe_dump sorted: faces, products.
+    assert len(record["losses"]) == 12 and all(math.isfinite(x) for x in record["losses"])
+    faces, products = record["draws"]
+    assert faces + products == 12 and 0 < products <= 6, record["draws"]
+
+
+def test_a_dataset_name_that_is_a_registered_builder_cannot_alias_another(plugin, tmp_path):
+    """`coco_caption: {builder: own_caption}` would shadow LAVIS's builder: refused, naming it."""
+    from omegaconf import OmegaConf
+
+    from lavis_vpgtrans.common.config import ConfigKeyError, register_dataset_aliases
+
+    with pytest.raises(ConfigKeyError, match=r"datasets\.coco_caption: 'coco_caption' is already a registered "
+                                             r"builder .*a name of your own"):
+        register_dataset_aliases(OmegaConf.create({"coco_caption": {"builder": "own_caption"}}))
+    with pytest.raises(ConfigKeyError, match=r"datasets\.mine\.builder='own_captoin' is not registered; did you "
+                                             r"mean 'own_caption'"):
+        register_dataset_aliases(OmegaConf.create({"mine": {"builder": "own_captoin"}}))

@@ -9,6 +9,10 @@ from lavis.common.registry import registry
 from omegaconf import OmegaConf
 
 BASE_KEY = "base"
+# datasets.<name>.builder: the registered builder of a dataset entry whose name is the user's own
+# (two sets of one builder in a config: `products: {builder: own_caption, ...}`,
+# `faces: {builder: own_caption, ...}`; a config's datasets are keyed by name)
+BUILDER_KEY = "builder"
 # run.runner when the config names none
 DEFAULT_RUNNER = "runner_vpgtrans_base"
 
@@ -59,6 +63,45 @@ class PluginConfig(Config):
             raise KeyError("the config has no 'model' section")
         _registered("model", model.get("arch", None), "model.arch")  # LAVIS: a bare assert
         return Config.build_model_config(config)
+
+    @staticmethod
+    def build_dataset_config(config):
+        """LAVIS's (each entry over its builder's default yaml), where an entry named by the
+        user (`builder:` key) takes the defaults its builder's yaml holds under the builder's name."""
+        datasets = config.get("datasets", None)
+        if datasets is None:
+            raise KeyError("the config has no 'datasets' section")
+        register_dataset_aliases(datasets)
+        merged = OmegaConf.create()
+        for name in datasets:
+            entry = datasets[name] or {}
+            builder_cls = _registered("builder", name, f"datasets.{name}")
+            default = OmegaConf.load(builder_cls.default_config_path(type=entry.get("type", "default")))
+            own_defaults = default.datasets[getattr(builder_cls, "alias_of", name)]
+            if "name" in own_defaults:  # messages name the dataset as the config does
+                own_defaults.name = name
+            merged = OmegaConf.merge(merged, {"datasets": {name: own_defaults}}, {"datasets": {name: entry}})
+        return merged
+
+
+def register_dataset_aliases(datasets) -> None:
+    """Registers, for each dataset entry with a `builder:` key, a subclass of that builder under the
+    entry's name (LAVIS's tasks look builders up by the config's dataset names)."""
+    for name in datasets or {}:
+        entry = datasets[name]
+        target = entry.get(BUILDER_KEY, None) if entry is not None else None
+        if target is None:
+            continue
+        base = _registered("builder", target, f"datasets.{name}.{BUILDER_KEY}")
+        known = registry.mapping["builder_name_mapping"].get(name, None)
+        if known is not None:
+            if getattr(known, "alias_of", None) == target and known.__bases__ == (base,):
+                continue  # registered by an earlier config of this process
+            raise ConfigKeyError(f"datasets.{name}: {name!r} is already a registered builder "
+                                 f"({known.__module__}.{known.__name__}); give a dataset with "
+                                 f"`{BUILDER_KEY}: {target}` a name of your own")
+        alias = type(f"{base.__name__}_{name}", (base,), {"alias_of": target, "__module__": base.__module__})
+        registry.register_builder(name)(alias)
 
 
 # ---------------------------------------------------------------------------- key checks
@@ -200,5 +243,6 @@ def check_config(cfg, readers=()) -> None:
 
     for name, builder_cls in builders.items():
         default = OmegaConf.load(builder_cls.default_config_path(cfg.datasets_cfg[name].get("type", "default")))
-        known = keys_read([builder_cls], "config") | set(default.datasets[name].keys()) | {"type"}
+        own_defaults = default.datasets[getattr(builder_cls, "alias_of", name)]
+        known = keys_read([builder_cls], "config") | set(own_defaults.keys()) | {"type", BUILDER_KEY}
         check(f"datasets.{name}", cfg.datasets_cfg[name], known)

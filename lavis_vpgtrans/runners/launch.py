@@ -20,7 +20,7 @@ import lavis.tasks as tasks
 from lavis.common.dist_utils import get_rank
 from lavis.common.logger import setup_logger
 
-from lavis_vpgtrans.common.config import PluginConfig, check_config, load_config, runner_class
+from lavis_vpgtrans.common.config import BUILDER_KEY, PluginConfig, check_config, load_config, runner_class
 from lavis_vpgtrans.common.dist import from_rank0, init_distributed_mode
 from lavis_vpgtrans.datasets.builders import register_builder_plugins
 from lavis_vpgtrans.runners.run_record import RunDirError, check_fresh_run_dir, claim_run_dir
@@ -75,7 +75,8 @@ def build(argv, description, evaluate):
             options += ["model.load_finetuned=True", f"model.finetuned={args.ckpt}"]
         args.options = options
     # builders of other packages (the toy world's) that the config names, before LAVIS looks them up
-    register_builder_plugins(load_config(args.cfg_path).get("datasets", None) or {})
+    datasets = load_config(args.cfg_path).get("datasets", None) or {}
+    register_builder_plugins(set(datasets) | {(e or {}).get(BUILDER_KEY, None) for e in datasets.values()} - {None})
     cfg = PluginConfig(args)
     # typos and unknown registry names fail here, before anything is built (the run keys this
     # module reads count as known)

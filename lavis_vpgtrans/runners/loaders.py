@@ -1,6 +1,6 @@
 """The data loaders of PortableRunner (runner_base.py): LAVIS's, with its CUDA-only parts made
 conditional, seeded training samplers, and `run.train_dataset_ratios` (LAVIS 1.0.2's RunnerIter
-raises NameError on it)."""
+raises NameError on it), in iteration- and epoch-based runs."""
 
 import functools
 
@@ -20,6 +20,24 @@ def _dropping_skipped(collate):
     """A collate function that drops the samples a dataset skipped (None, run.skip_bad_samples),
     also where LAVIS's ConcatDataset.collater (several training sets) would fail on them."""
     return None if collate is None else functools.partial(_without_skipped, collate)
+
+
+class EpochMixture(MultiIterLoader):
+    """A ratio mixture in an epoch-based run: an epoch is as many batches as the training sets
+    hold together on this process (a pass over each, had they been concatenated), each batch
+    drawn from one set by the ratios."""
+
+    def __init__(self, loaders, ratios, names):
+        super().__init__(loaders=loaders, ratios=ratios)
+        for name, loader in zip(names, loaders):
+            if not hasattr(loader, "__len__"):
+                raise ValueError(f"run.train_dataset_ratios in an epoch-based run: the training set {name!r} is a "
+                                 f"stream without a length; set run.iters_per_inner_epoch and run.max_iters "
+                                 f"(iteration-based)")
+        self.batches = sum(len(loader) for loader in loaders)
+
+    def __len__(self):
+        return self.batches
 
 
 class Loaders:
@@ -57,6 +75,9 @@ class Loaders:
                              else self.config.run_cfg.batch_size_eval for s in split_names],
                 is_trains=[s in self.train_splits for s in split_names],
                 collate_fns=collate_fns, dataset_ratios=train_ratios)
+            if train_list is not None and len(train_list) > 1 and not self.infinite_train_loader:
+                mixture = loaders[split_names.index("train")]
+                loaders[split_names.index("train")] = EpochMixture(mixture.loaders, train_ratios, names)
             self._dataloaders = dict(zip(split_names, loaders))
         return self._dataloaders
 

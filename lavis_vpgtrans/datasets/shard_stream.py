@@ -107,11 +107,17 @@ class ShardStream(wds.DataPipeline):
         return [order[i % len(order)] for i in range(slot, max(len(order), slots), slots)]
 
     def one_pass(self, epoch: int, rng=None):
-        """The samples of this reader's shards in pass `epoch`, shuffled in the buffer."""
+        """The samples of this reader's shards in pass `epoch`, shuffled in the buffer (as read:
+        a buffered sample holds its compressed bytes, not its decoded image)."""
         mine = self.shards_of_pass(epoch)
         counts = {"read": 0, "used": 0}
-        yield from _shuffle(self._samples(mine, counts), bufsize=self.shuffle_buffer,
-                            initial=self.shuffle_buffer, rng=rng or random.Random(f"{self.seed} {epoch}"))
+        raws = _shuffle(self._raw_samples(mine, counts), bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                        rng=rng or random.Random(f"{self.seed} {epoch}"))
+        for shard, raw in raws:
+            sample = self._sample(shard, raw)
+            if sample is not None:
+                counts["used"] += 1
+                yield sample
         if counts["read"] == 0:
             raise DataError(f"{self.name}: no samples in {', '.join(mine)}")
         if counts["used"] == 0:
@@ -128,7 +134,8 @@ class ShardStream(wds.DataPipeline):
             yield from self.one_pass(epoch, rng)
             epoch += 1
 
-    def _samples(self, shards, counts):
+    def _raw_samples(self, shards, counts):
+        """(shard, webdataset's sample: {"__key__", extension: bytes, ...}) of each shard in turn."""
         for shard in shards:
             raws = tarfile_samples([{"url": shard}])
             while True:
@@ -140,10 +147,7 @@ class ShardStream(wds.DataPipeline):
                     raise DataError(f"{shard}: cannot be read as a webdataset shard ({type(e).__name__}: "
                                     f"{e.args[0] if e.args else e})") from e
                 counts["read"] += 1
-                sample = self._sample(shard, raw)
-                if sample is not None:
-                    counts["used"] += 1
-                    yield sample
+                yield shard, raw
 
     # ---- one sample
 

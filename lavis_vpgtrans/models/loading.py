@@ -51,14 +51,14 @@ def load_chat_model(arch: str = "blip2_vicuna", model_type: str = "vl_vicuna7b",
     if checkpoint:
         overrides.update(load_finetuned=True, finetuned=checkpoint)
     model_cfg = OmegaConf.merge(cfg.model, overrides, OmegaConf.from_dotlist(list(options)))
+    if not model_cfg.get("llm_model", None):
+        raise ValueError(f"model type {model_type!r} names no LLM: pass the local LLM directory "
+                         f"(--llm-model DIR)")
     if checkpoint and model_cfg.get("llm_lora", None) is None:
         lora = checkpoint_llm_lora(checkpoint)
         if lora:  # the adapters it holds need LoRA layers of the run's shape
             logging.getLogger(__name__).info("llm_lora from %s's run config: %s", checkpoint, lora)
             model_cfg.llm_lora = lora
-    if not model_cfg.get("llm_model", None):
-        raise ValueError(f"model type {model_type!r} names no LLM: pass the local LLM directory "
-                         f"(--llm-model DIR)")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = cls.from_config(model_cfg).to(device).eval()
     vis_processors, _ = load_preprocess(cfg.preprocess)

@@ -4,10 +4,11 @@
 #
 # Why a separate environment: lmms-eval 0.7.3 pins wandb==0.25.0, which needs protobuf<7, and
 # .venv has protobuf 7 (`pip install --dry-run -c <.venv's pins> lmms-eval==0.7.3` ends in
-# ResolutionImpossible). Why layered: torch and the rest of the stack are gigabytes, so the env
+# ResolutionImpossible); and its evaluator patches filelock._api, which filelock 4 (.venv's)
+# no longer has, although its metadata does not say so. Why layered: torch and the rest of the stack are gigabytes, so the env
 # reuses .venv's packages (a .pth file adds .venv's site-packages after its own) and installs
 # only what lmms-eval adds, under constraints that hold every package of .venv at its version
-# except protobuf and wandb, which the env shadows. .venv itself is never written to.
+# except protobuf, wandb and filelock, which the env shadows with older ones. .venv itself is never written to.
 #
 #   scripts/setup_lmms_env.sh && .venv/lmms-eval/bin/python -m lmms_eval --model vpgtrans_opt ...
 set -euo pipefail
@@ -33,9 +34,9 @@ purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])";
 venv_site=$(purelib .venv/bin/python)
 # addsitedir (not a bare path line): .venv's own .pth files (the plugin's editable install) run too
 echo "import site; site.addsitedir('$venv_site')" > "$(purelib "$ENV_DIR/bin/python")/_vpgtrans_base_venv.pth"
-echo "$pins" | grep -viE '^(protobuf|wandb)==' > "$ENV_DIR/constraints.txt"
+echo "$pins" | grep -viE '^(protobuf|wandb|filelock)==' > "$ENV_DIR/constraints.txt"
 "$ENV_DIR/bin/python" -m pip install --quiet --disable-pip-version-check -c "$ENV_DIR/constraints.txt" \
-  --no-build-isolation -e ".[lmms-eval]" "protobuf<7"
+  --no-build-isolation -e ".[lmms-eval]" "protobuf<7" "filelock<4"
 # .venv unchanged (pip does not uninstall outside the env it installs into; checked, not assumed)
 if [ "$(.venv/bin/python -m pip freeze --exclude-editable --disable-pip-version-check)" != "$pins" ]; then
   echo "[setup_lmms_env] error: installing lmms-eval changed .venv's packages" >&2

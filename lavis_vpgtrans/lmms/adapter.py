@@ -11,6 +11,10 @@ Model args (`--model_args k=v,...`):
   max_txt_len    text tokens the model takes (default: its config's); a longer context is an error
   score_end_of_text  loglikelihood scores the continuation and its end of text (a complete
                  answer, as predict_answers(inference_method="rank") does); default false
+  loglikelihood_as   "loss" (default): loglikelihood returns -log P(continuation), what
+                 lmms-eval 0.7.3's multiple_choice ranks by (the argmin: its own models return
+                 their loss, EvolvingLMMs-Lab/lmms-eval#370); "logprob": log P(continuation), the
+                 documented contract (its perplexity aggregation expects that)
   batch_size, device (as lmms-eval passes them)
 """
 
@@ -36,13 +40,16 @@ class VPGTransAdapter:
 
     def __init__(self, arch: str = None, model_type: str = None, checkpoint: str = None, llm_model: str = None,
                  prompt: str = "", max_txt_len: int = None, score_end_of_text: bool = False,
-                 batch_size=1, device: str = None, max_batch_size=None):
+                 loglikelihood_as: str = "loss", batch_size=1, device: str = None, max_batch_size=None):
         if self.arch and arch and arch != self.arch:
             raise ValueError(f"{type(self).__name__} is {self.arch}; drop arch={arch} or use the model name vpgtrans")
         arch = self.arch or arch
         if not arch or not model_type:
             raise ValueError("model args: arch (for the model name vpgtrans) and model_type are required, "
                              "e.g. --model vpgtrans_opt --model_args model_type=pretrain_opt2.7b")
+        if loglikelihood_as not in ("loss", "logprob"):
+            raise ValueError(f"model arg loglikelihood_as must be loss or logprob, got {loglikelihood_as!r}")
+        self.loglikelihood_sign = -1.0 if loglikelihood_as == "loss" else 1.0
         device = str(device) if device else ("cuda" if torch.cuda.is_available() else "cpu")
         options = [f"max_txt_len={int(max_txt_len)}"] if max_txt_len else []
         self.model, self.vis_processor = load_chat_model(arch, model_type, llm_model=llm_model, checkpoint=checkpoint,
@@ -168,8 +175,8 @@ class VPGTransAdapter:
     @torch.no_grad()
     def loglikelihood(self, requests) -> List[Tuple[float, bool]]:
         """Each request: (context, continuation or doc_to_target, doc_to_visual, doc_id, task,
-        split) -> (log P(continuation | soft prompts, context), is greedy), by the model's scorer
-        (models/scoring.py), each image encoded once per batch."""
+        split) -> (-log P(continuation | soft prompts, context), or + with loglikelihood_as=logprob;
+        is greedy), by the model's scorer (models/scoring.py), each image encoded once per batch."""
         results: List[Tuple[float, bool]] = []
         rows = self.batch_size * 16  # scored rows (e.g. the choices of a question) per batch of images
         for start in range(0, len(requests), rows):
@@ -189,8 +196,9 @@ class VPGTransAdapter:
                 first.setdefault((args[4], args[5], args[3]), _visual_args(args))
             images = self._images(list(first.values()))
             prompts = self.model.encode_image(images)
-            results += self.model.score_continuations(prompts, prefixes, answers, end_of_text=self.score_end_of_text,
-                                                      prompt_index=index)
+            scores = self.model.score_continuations(prompts, prefixes, answers, end_of_text=self.score_end_of_text,
+                                                    prompt_index=index)
+            results += [(self.loglikelihood_sign * logprob, greedy) for logprob, greedy in scores]
         return results
 
 

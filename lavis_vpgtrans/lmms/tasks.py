@@ -48,8 +48,11 @@ def vqa_aggregate(items) -> float:
     """The official VQA accuracy (percent) of all answers, by evaluate.py's own function."""
     with tempfile.TemporaryDirectory(prefix="lmms_vqa_") as tmp:
         files = {}
-        for name, obj in (("annotations", {"annotations": [i["annotation"] for i in items]}),
-                          ("questions", {"questions": [i["question"] for i in items]}),
+        # the header fields LAVIS's VQA.loadRes copies from the official files
+        header = {"info": {}, "license": {}, "data_type": "lmms-eval", "data_subtype": "docs"}
+        for name, obj in (("annotations", {**header, "annotations": [i["annotation"] for i in items]}),
+                          ("questions", {**header, "task_type": "Open-Ended",
+                                         "questions": [i["question"] for i in items]}),
                           ("results", [{"question_id": i["question"]["question_id"], "answer": i["answer"]}
                                        for i in items])):
             files[name] = os.path.join(tmp, f"{name}.json")

@@ -71,3 +71,139 @@ def test_quantized_linear_bytes_equal_bitsandbytes(bits, double_quant):
         layer = bnb.nn.Linear8bitLt(in_f, out_f, bias=False, has_fp16_weights=False).to("cpu")
         tensors = [layer.weight.data, layer.weight.SCB]
     assert sum(t.untyped_storage().nbytes() for t in tensors) == quantized_linear_bytes(out_f, in_f, bits, double_quant)
+
+
+def _saved_bytes_per_token_and_layer(model_type, dtype, **fields):
+    """What autograd keeps for one more layer of a frozen LLM fed embeddings that need gradients
+    (as the soft prompts do), per token: the layer-2 model's saved tensors minus the layer-1 one's,
+    under CPU autocast in the LLM's dtype as models/llm.py runs it."""
+    import contextlib
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    batch, tokens = 2, 12
+    saved = []
+    for layers in (1, 2):
+        config = AutoConfig.for_model(model_type, num_hidden_layers=layers, vocab_size=100, **fields)
+        config._attn_implementation = "sdpa"  # what from_pretrained picks for these families
+        torch.manual_seed(0)
+        llm = AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval().requires_grad_(False)
+        weights = {t.untyped_storage().data_ptr() for t in list(llm.parameters()) + list(llm.buffers())}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        embeds = torch.randn(batch, tokens, config.hidden_size, dtype=dtype, requires_grad=True)
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            llm(inputs_embeds=embeds, attention_mask=torch.ones(batch, tokens, dtype=torch.long),
+                labels=torch.zeros(batch, tokens, dtype=torch.long))
+        saved.append(sum(kept.values()))
+    return (saved[1] - saved[0]) / (batch * tokens)
+
+
+@pytest.mark.parametrize("model_type,fields", [
+    ("opt", dict(hidden_size=64, ffn_dim=176, num_attention_heads=4, word_embed_proj_dim=64)),
+    ("llama", dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=4)),
+    ("llama", dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=1)),  # GQA
+    ("qwen2", dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2)),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_llm_layer_activations_equal_what_autograd_keeps(model_type, fields, dtype):
+    """The per-layer, per-token bytes of estimate.py's formula are what one more layer of each
+    family makes autograd keep (frozen weights: no linear keeps its input)."""
+    from lavis_vpgtrans.plan.estimate import llm_activations
+    from lavis_vpgtrans.plan.weights import LLMInfo
+
+    h = fields["hidden_size"]
+    info = LLMInfo(model_type, False, h, 1, 0, fields["num_attention_heads"],
+                   fields.get("num_key_value_heads", fields["num_attention_heads"]),
+                   fields.get("intermediate_size", fields.get("ffn_dim")), 100, gated=model_type != "opt",
+                   rms_norm=model_type != "opt", source="test", llm_dtype_bytes=torch.empty((), dtype=dtype).element_size())
+    planned = llm_activations(info, batch=1, q=0, text=1, output_text=1, checkpointing=False)["LLM layers"]
+    assert planned == _saved_bytes_per_token_and_layer(model_type, dtype, **fields)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_t5_layer_activations_equal_what_autograd_keeps(dtype):
+    """The same for Flan-T5 (gated GELU as LAVIS runs it): one more encoder layer, one more decoder layer."""
+    import contextlib
+
+    from transformers import AutoConfig, T5ForConditionalGeneration
+
+    from lavis_vpgtrans.plan.estimate import llm_activations
+    from lavis_vpgtrans.plan.weights import LLMInfo
+
+    batch, enc_tokens, dec_tokens, h, f, heads = 2, 12, 5, 64, 176, 4
+
+    def saved(enc_layers, dec_layers):
+        config = AutoConfig.for_model("t5", d_model=h, d_ff=f, num_heads=heads, d_kv=16, num_layers=enc_layers,
+                                      num_decoder_layers=dec_layers, vocab_size=100, feed_forward_proj="gated-gelu",
+                                      dense_act_fn="gelu", decoder_start_token_id=0, pad_token_id=0)
+        llm = T5ForConditionalGeneration._from_config(config, torch_dtype=dtype).eval().requires_grad_(False)
+        weights = {t.untyped_storage().data_ptr() for t in list(llm.parameters()) + list(llm.buffers())}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        embeds = torch.randn(batch, enc_tokens, h, dtype=dtype, requires_grad=True)
+        autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+            llm(inputs_embeds=embeds, attention_mask=torch.ones(batch, enc_tokens, dtype=torch.long),
+                labels=torch.zeros(batch, dec_tokens, dtype=torch.long),
+                decoder_attention_mask=torch.ones(batch, dec_tokens, dtype=torch.long))
+        return sum(kept.values())
+
+    s = torch.empty((), dtype=dtype).element_size()
+    plan = {}
+    for enc_layers, dec_layers in ((1, 0), (0, 1)):
+        info = LLMInfo("t5", True, h, enc_layers, dec_layers, heads, heads, f, 100, gated=True, rms_norm=True,
+                       source="test", llm_dtype_bytes=s, inner=heads * 16)
+        # q = enc_tokens, no text: the encoder sees enc_tokens; the decoder dec_tokens (target + EOS)
+        plan[(enc_layers, dec_layers)] = llm_activations(info, batch, enc_tokens, 0, dec_tokens - 1, False)["LLM layers"]
+    base = saved(1, 1)
+    assert saved(2, 1) - base == plan[(1, 0)]
+    assert saved(1, 2) - base == plan[(0, 1)]
+
+
+@pytest.mark.parametrize("arch,model_type,overrides,stage", [
+    ("blip2_opt_transfer", "tiny_opt_small", {}, 2),
+    ("blip2_llama", "tiny_llama", {"llm_precision": "bf16"}, 1),
+    ("blip2_t5_transfer", "tiny_t5", {}, 2),
+])
+def test_planned_step_within_20_percent_of_measured(plugin, arch, model_type, overrides, stage):
+    """One training step of the toy models (forward, backward, AdamW step; the second step, when
+    the optimizer state exists): weights, gradients and AdamW state as planned, to the byte; the
+    peak of all live tensors within 20% of the plan, which never undercounts it."""
+    from lavis_vpgtrans.plan.measure import plan_vs_measured
+
+    r = plan_vs_measured(arch, _model_cfg(arch, model_type, overrides), batch=4, stage=stage)
+    planned, measured = r["planned"], r["measured"]
+    for key in ("weights", "gradients", "optimizer"):
+        assert planned[key] == measured[key], key
+    assert measured["peak"] <= planned["peak"] <= 1.2 * measured["peak"]
+    # the part the batch adds (the estimated part), not only the total
+    above = [x["peak"] - x["weights"] - x["optimizer"] for x in (planned, measured)]
+    assert above[1] <= above[0] <= 1.25 * above[1]
+
+
+def test_real_sized_opt_125m_planned_within_20_percent(plugin, tmp_path):
+    """A random-weight OPT-125M (its real architecture, 50k vocabulary) behind the toy VPG, bf16."""
+    from lavis_vpgtrans.common.paths import resolve_path
+    from lavis_vpgtrans.plan.measure import plan_vs_measured, random_llm_dir
+
+    path = random_llm_dir("facebook/opt-125m", str(tmp_path / "opt-125m"), resolve_path("toy:opt-small"),
+                          dtype=torch.bfloat16)
+    cfg = _model_cfg("blip2_opt_transfer", "tiny_opt_small", {"llm_model": path, "llm_precision": "bf16"})
+    r = plan_vs_measured("blip2_opt_transfer", cfg, batch=8, stage=2)
+    planned, measured = r["planned"], r["measured"]
+    assert planned["weights"] == measured["weights"]
+    assert measured["peak"] <= planned["peak"] <= 1.2 * measured["peak"]
+    above = [x["peak"] - x["weights"] - x["optimizer"] for x in (planned, measured)]
+    assert above[1] <= above[0] <= 1.2 * above[1]

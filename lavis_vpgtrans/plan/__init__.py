@@ -6,4 +6,8 @@ counted from the config without loading a weight.
     weights.py    the parts (ViT, Q-Former, projector, LLM, LoRA) built on the meta device, their
                   bytes by precision / quantisation
     known.py      architecture numbers of the hub models the configs name, for planning offline
+    estimate.py   gradients, optimizer state, activations per rank; the verdict for a card
+    report.py     the printed plan, the CLI, and train.py's log of it
+    measure.py    what a training step actually allocates (any device, CPU included), to check it:
+                  tests/test_plan.py, benchmarks/plan_vs_measured.py
 """

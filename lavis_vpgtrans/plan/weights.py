@@ -82,6 +82,7 @@ class LLMInfo:
     quant: Optional[dict] = None
     qlora: bool = False
     llm_dtype_bytes: int = 2
+    inner: int = 0  # T5: heads x d_kv (the attention's width)
 
 
 def module_bytes(module: nn.Module, dtype_of=None) -> int:
@@ -401,7 +402,8 @@ def _llm_info(config, source) -> LLMInfo:
     if config.is_encoder_decoder:
         return LLMInfo(config.model_type, True, config.d_model, config.num_layers, config.num_decoder_layers,
                        config.num_heads, config.num_heads, config.d_ff, config.vocab_size,
-                       gated=bool(getattr(config, "is_gated_act", False)), rms_norm=True, source=source)
+                       gated=bool(getattr(config, "is_gated_act", False)), rms_norm=True, source=source,
+                       inner=config.num_heads * config.d_kv)
     heads = config.num_attention_heads
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     return LLMInfo(config.model_type, False, config.hidden_size, config.num_hidden_layers, 0, heads,
@@ -416,7 +418,7 @@ def model_parts(model_cfg, stage: int) -> Dict[str, object]:
     ln, qformer, q_dims = qformer_parts(model_cfg, vit_dims["width"])
     llm, lora, info = llm_part(model_cfg, stage_trains_lora=stage == 2)
     projector = Part("projector", q_dims["hidden"] * info.hidden + info.hidden,
-                     (q_dims["hidden"] * info.hidden + info.hidden) * 4, "fp32")
+                     (q_dims["hidden"] * info.hidden + info.hidden) * 4, "fp32 trainable")
     projector.trainable_params = projector.params
     if stage == 2:
         for p in (ln, qformer):

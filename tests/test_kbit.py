@@ -201,3 +201,18 @@ def test_one_gpu_example_configs_pass_the_config_check(plugin, name, bits, lora_
     assert (lora.r if lora else None) == lora_r
     run = cfg.run_cfg
     assert run.batch_size_train * run.accum_grad_iters == effective and not run.distributed
+
+
+def test_evaluate_py_runs_vqa_with_the_llm_in_4bit(runs, tmp_path):
+    """evaluate.py's entry point: the 4-bit run's checkpoint on the toy VQA benchmark, LLM in 4-bit."""
+    import json
+
+    from lavis_vpgtrans.runners.launch import evaluate_main
+
+    ckpt = runs["4bit"]["job"] / "checkpoint_1.pth"
+    evaluate_main(["--cfg-path", os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_vqa_eval_opt.yaml"),
+                   "--options", f"run.output_dir={tmp_path}", "run.job_id=eval", "run.batch_size_train=32",
+                   "model.llm_quantization.bits=4", "model.load_finetuned=True", f"model.finetuned={ckpt}"])
+    with open(tmp_path / "eval" / "evaluate.txt") as f:
+        metrics = json.loads(f.read().strip().splitlines()[-1])["val"]
+    assert 0 <= metrics["acc"] <= 100 and {"yes/no", "number", "other"} <= set(metrics)

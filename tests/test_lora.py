@@ -216,3 +216,31 @@ def test_qlora_stage3_vl_vicuna_trains_and_chats(plugin, tmp_path):
     assert chat.llm_quantization.bits == 4 and chat.llm_lora.r == 4
     answer = chat.chat(torch.randn(3, 32, 32), "What is in the picture?", max_new_tokens=4)
     assert isinstance(answer, str)
+
+
+def test_qlora_under_ddp_with_activation_checkpointing_and_its_checkpoint_loads_unquantised(plugin, tmp_path):
+    """train.py under torchrun, 2 gloo processes (DDP): the 4-bit OPT with LoRA, activation
+    checkpointing on; stage 1 then stage 2. The checkpoint loads into an unquantised LoRA model."""
+    import subprocess
+    import sys
+
+    from lavis_vpgtrans.models.loading import load_chat_model
+
+    recipe = os.path.join(REPO, "projects", "vpgtrans", "demo", "tiny_recipe_opt.yaml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", os.path.join(REPO, "train.py"),
+         "--cfg-path", recipe, "--options", f"run.output_dir={tmp_path}", "run.job_id=job", "run.distributed=True",
+         "run.iters_per_inner_epoch=1", "run.max_iters=2", "run.warmup_epochs=1", "run.warmup_steps=1",
+         "run.batch_size_train=4", "run.valid_splits=[]", "run.extra_validation=[]", "run.activation_checkpointing=true",
+         "model.llm_quantization.bits=4", "model.llm_lora.r=4"],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, last = checkpoint(tmp_path / "job", 0)["model"], checkpoint(tmp_path / "job", 1)["model"]
+    assert not any(".lora_" in k for k in first)  # stage 1: the projector alone
+    assert set(first) == {"opt_proj.weight", "opt_proj.bias"}
+    assert any(".lora_B." in k for k in last) and any(k.startswith("Qformer.") for k in last)
+    model, _ = load_chat_model("blip2_opt_transfer", "tiny_opt_large", checkpoint=str(tmp_path / "job" / "checkpoint_1.pth"),
+                               device="cpu")
+    assert model.llm_quantization is None and model.llm_lora.r == 4
+    loaded = dict(model.named_parameters())
+    assert all(torch.equal(loaded[k].detach(), v) for k, v in last.items())

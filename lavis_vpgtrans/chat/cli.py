@@ -3,6 +3,9 @@ r"""Terminal chat with VL-Vicuna about an image.
     python -m lavis_vpgtrans.chat --model-type vl_vicuna7b --llm-model VICUNA_DIR \
         --checkpoint vl-vicuna.pth --image photo.jpg
 
+A checkpoint of a run with LoRA adapters on the LLM (llm_lora) loads with that run's llm_lora;
+`--options llm_quantization.bits=4` (or 8) puts the LLM in 4-bit (8-bit) for a smaller GPU.
+
 Type a message and press Enter; the answer is printed as "Assistant: ...". Commands:
 /image PATH (new image, new conversation), /reset (forget the conversation), /quit (or EOF).
 Reads stdin line by line, so it can be scripted: printf 'Describe it.\n' | python -m ...

@@ -44,15 +44,19 @@ def setting_of(cfg, gpus: int, on_gpu: bool = True) -> Setting:
                    amp_on_gpu=on_gpu and bool(run.get("amp", False)))
 
 
-def _gib(x: float) -> str:
-    return f"{x / GIB:8.2f}"
+MIB = 2 ** 20
+
+
+def _gib(x: float, unit: int = GIB) -> str:
+    return f"{x / unit:8.2f}"
 
 
 def format_plan(cfg, gpus: int = 1, gpu_gib: Optional[float] = None, title: str = "") -> str:
     """The plan of a run config as text (see estimate.py for what is counted and how)."""
     check_arch(cfg)
     model_cfg = cfg.model_cfg
-    setting = setting_of(cfg, gpus)
+    on_gpu = str(cfg.run_cfg.get("device", "cuda")) != "cpu"
+    setting = setting_of(cfg, gpus, on_gpu)
     stages = stages_of(cfg)
     cache = {}
     plan = make_plan(model_cfg, setting, stages, gpu_gib, cache)
@@ -60,10 +64,11 @@ def format_plan(cfg, gpus: int = 1, gpu_gib: Optional[float] = None, title: str 
     other = make_plan(model_cfg, Setting(**{**setting.__dict__, "checkpointing": other_ck}), stages, None, cache,
                       alternatives=False)
     info = plan.info
+    unit, unit_name = (GIB, "GiB") if plan.worst.peak >= 2 * GIB else (MIB, "MiB")
     accum = int(cfg.run_cfg.get("accum_grad_iters", 1))
     lines = [f"Memory plan{(' of ' + title) if title else ''}: {model_cfg.arch}, LLM {model_cfg.llm_model} "
              f"({info.source})",
-             f"per rank: {gpus} GPU(s){', run.fsdp ' + str(setting.fsdp) if setting.fsdp else (', DDP' if gpus > 1 else '')}"
+             f"per rank: {gpus} {'GPU(s)' if on_gpu else 'CPU process(es) (run.device: cpu)'}{', run.fsdp ' + str(setting.fsdp) if setting.fsdp else (', DDP' if gpus > 1 else '')}"
              f", batch {setting.batch} per GPU (x {accum} accumulation x {gpus} = {setting.batch * accum * gpus}), "
              f"{model_cfg.get('num_query_token', 32)} queries + {model_cfg.get('max_txt_len', 32)} text tokens, "
              f"activation checkpointing {setting.checkpointing or 'off'}"]
@@ -71,19 +76,19 @@ def format_plan(cfg, gpus: int = 1, gpu_gib: Optional[float] = None, title: str 
         what = "projector trains" if sp.stage == 1 else "VPG + projector" + (" + LoRA" if info.lora_rank_total else "") \
             + " train"
         lines.append(f"stage {sp.stage} ({what}):")
-        lines.append(f"  {'part':<44}{'params':>16} {'GiB':>8}  stored as")
+        lines.append(f"  {'part':<44}{'params':>16} {unit_name:>8}  stored as")
         for p in sp.parts:
-            lines.append(f"  {p.name:<44}{p.params:>16,} {_gib(p.bytes)}  {p.storage}")
+            lines.append(f"  {p.name:<44}{p.params:>16,} {_gib(p.bytes, unit)}  {p.storage}")
         for name, value in sp.rows.items():
             if name != "activations":
-                lines.append(f"  {name:<44}{'':>16} {_gib(value)}")
-        lines.append(f"  {'activations (batch ' + str(setting.batch) + ')':<44}{'':>16} {_gib(sp.rows['activations'])}")
+                lines.append(f"  {name:<44}{'':>16} {_gib(value, unit)}")
+        lines.append(f"  {'activations (batch ' + str(setting.batch) + ')':<44}{'':>16} {_gib(sp.rows['activations'], unit)}")
         for name, value in sp.activation_detail.items():
-            lines.append(f"    {name:<42}{'':>16} {_gib(value * setting.batch)}")
+            lines.append(f"    {name:<42}{'':>16} {_gib(value * setting.batch, unit)}")
         osp = next(o for o in other.stages if o.stage == sp.stage)
         lines.append(f"  {'  activations with checkpointing ' + ('off' if other_ck is None else 'on'):<44}{'':>16} "
-                     f"{_gib(osp.rows['activations'])}")
-        lines.append(f"  {'planned peak (tensors)':<44}{'':>16} {_gib(sp.peak)}  "
+                     f"{_gib(osp.rows['activations'], unit)}")
+        lines.append(f"  {'planned peak (tensors)':<44}{'':>16} {_gib(sp.peak, unit)}  "
                      f"on the card: x{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB} GiB context = "
                      f"{sp.peak * (1 + ALLOCATOR_SLACK) / GIB + CUDA_CONTEXT_GIB:.2f} GiB")
     if gpu_gib is not None:

@@ -19,6 +19,16 @@ Each annotation file of a split is read in its own format, from its name or `for
   a directory written by HF datasets' `save_to_disk` (a Dataset, or a DatasetDict whose split
              is the LAVIS split's name: train / val or validation / test), or .parquet
              (`to_parquet`): the image column an `Image` feature (or image paths)
+  imagefolder  a directory in HF's imagefolder layout: images and a metadata.jsonl (.csv,
+             .parquet) whose `file_name` names each image (read by datasets' imagefolder loader;
+             detected by the metadata file; split directories as HF names them; default caption
+             column "text", as HF documents it)
+  webdataset   tar shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), given as brace
+             patterns or globs (`shards/{00000..00009}.tar`): a training split only, streamed
+             (shard_stream.py: never the whole set in memory; iteration-based runs). keys name a
+             member by extension (default image "jpg;png;jpeg;webp", caption "txt") or a key of
+             the json as "json.<key>" (own_vqa: "json.question", "json.answer"); `shuffle_buffer`
+             samples are shuffled in a buffer (default 1000)
 
 Dataset config keys (besides LAVIS's processors and build_info.annotations.<split>.storage, a
 file or a list of files, absolute or relative to `data_root`):
@@ -30,7 +40,9 @@ file or a list of files, absolute or relative to `data_root`):
            is an error) or "list" (a list per record, or one text: several reference captions, or
            several answers scored with the VQAv2 soft accuracy; in CSV a cell as pandas writes a
            list, "['a', 'b']")
-  format   json | jsonl | csv | tsv | hf | parquet for every file (default: from each name)
+  format   json | jsonl | csv | tsv | hf | parquet | imagefolder | webdataset for every file
+           (default: from each name: a .tar or a pattern is webdataset, a directory with a
+           metadata file imagefolder, other directories hf)
   build_info.images.storage   the root of relative image paths (default: the directory of the
            annotation file that names them)
   prompt   own_vqa: the training prefix with the question at "{}" (default: run.prompt, the one
@@ -40,14 +52,16 @@ Bad input stops with an error naming the file and the record (JSON, from 0), lin
 from 1; a CSV header is line 1) or row (HF, from 0): a record without a configured key (listing
 the keys it has), a line that is not JSON, a file or split without records, a text field holding
 a list where "str" is configured, an empty text, a missing image (all checked when the split is
-built). A training image that cannot be read is an error too, or, with `run.skip_bad_samples`,
-skipped and counted (runner_base.report_skipped). Evaluation splits never skip.
+built; in an HF Image column, the files it refers to). A training image that cannot be read is
+an error too, or, with `run.skip_bad_samples`, skipped and counted (runner_base.report_skipped).
+Evaluation splits never skip. Shards name the shard file and the sample key (shard_stream.py).
 
 Evaluation: image ids number a split's distinct images from 1 in record order (the records of
 one image are grouped, all their captions references), question ids its questions from 1; the
 generated ground truth names each one's file and record. It is written, named by its content,
-under <cache_root>/own_data/ (LAVIS's cache root; the path is logged). Parquet files are
-converted once into HF's arrow cache under <cache_root>/hf_datasets/.
+under <cache_root>/own_data/ (LAVIS's cache root; the path is logged). Parquet files and
+imagefolders are converted once into HF's arrow cache under <cache_root>/hf_datasets/ (an
+imagefolder's images stay files: the cache holds their paths).
 """
 
 import ast

@@ -175,3 +175,82 @@ def test_lmms_eval_cli_on_local_tasks(toy_zoo, tmp_path):
         picked[q] = choices[losses.index(min(losses))]
     assert len(picked) == n and picked == ranked
     assert len(set(picked.values())) > 1  # not one answer for everything
+
+
+# --------------------------------------------------------------------------- the papers' protocols
+
+README = os.path.join(REPO, "README.md")
+PROTOCOL_COLUMNS = ("model", "arch", "model type", "eval configs", "prompt", "beams", "max_len / min_len",
+                    "length penalty", "VQAv2", "GQA", "OK-VQA")
+RELEASED = {"BLIP-2 OPT-2.7B", "BLIP-2 OPT-6.7B", "BLIP-2 Flan-T5-XL", "VPGTrans OPT-2.7B → 6.7B", "VL-LLaMA-7B",
+            "VPGTrans Flan-T5-XL → XXL"}
+
+
+def readme_protocol_table(path=None):
+    """The rows of the README's protocol table ("| model | arch | model type | eval configs | prompt
+    | beams | max_len / min_len | length penalty | VQAv2 | GQA | OK-VQA |"), cells without backticks."""
+    path = path or README
+    text = open(path).read()
+    lines = text.splitlines()
+    header = "| " + " | ".join(PROTOCOL_COLUMNS) + " |"
+    assert header in lines, f"{path}: no protocol table (header {header!r})"
+    assert "published; not reproduced here (needs the released checkpoints)" in text
+    rows = []
+    for line in lines[lines.index(header) + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(PROTOCOL_COLUMNS), line
+        rows.append(dict(zip(PROTOCOL_COLUMNS, cells)))
+    return rows
+
+
+def load_evaluate_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_script", os.path.join(REPO, "evaluate.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_released_model_eval_configs_match_the_readme_protocol_table(plugin):
+    from argparse import Namespace
+
+    from lavis.common.registry import registry
+
+    from lavis_vpgtrans.common.config import PluginConfig
+
+    protocol = load_evaluate_script().protocol
+    rows = readme_protocol_table()
+    assert {r["model"] for r in rows} == RELEASED
+    for row in rows:
+        max_len, min_len = (int(v) for v in row["max_len / min_len"].split("/"))
+        for bench in ("vqav2", "gqa", "okvqa"):
+            path = os.path.join(REPO, row["eval configs"], f"{bench}.yaml")
+            cfg = PluginConfig(Namespace(cfg_path=path, options=[
+                f"model.arch={row['arch']}", f"model.model_type={row['model type']}", "run.apply_lemmatizer=False"]))
+            task = registry.get_task_class(cfg.run_cfg.task).setup_task(cfg=cfg)
+            got = protocol(task, cfg.model_cfg, registry.get_model_class(row["arch"]))
+            want = {"kind": "vqa", "prompt": row["prompt"], "inference_method": "generate",
+                    "num_beams": int(row["beams"]), "max_len": max_len, "min_len": min_len,
+                    "length_penalty": float(row["length penalty"])}
+            assert got == want, (row["model"], path)
+            # the model type's own VQA prompt is the same (lmms-eval's prompt=vqa, predict_answers' default)
+            assert cfg.model_cfg.vqa_prompt == row["prompt"], (row["model"], row["model type"])
+        assert all(float(row[b]) > 0 for b in ("VQAv2", "GQA", "OK-VQA"))
+
+
+def test_evaluate_prints_its_protocol(plugin, tmp_path, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    load_evaluate_script().main([
+        "--cfg-path", os.path.join(REPO, "projects/vpgtrans/demo/tiny_vqa_eval_opt.yaml"), "--options",
+        "model.model_type=tiny_opt_small", "run.batch_size_train=32", "run.question_subset=4",
+        f"run.output_dir={tmp_path}", "run.job_id=eval"])
+    text = caplog.text
+    assert "Zero-shot protocol (VQA: predict_answers of blip2_opt_transfer tiny_opt_small)" in text
+    assert "'Question: {} Answer:'" in text and "beams           3" in text and "length penalty  -1" in text
+    assert "max_len 5, min_len 1" in text
+    assert os.path.exists(os.path.join(tmp_path, "eval", "evaluate.txt"))  # and then it evaluated

@@ -98,3 +98,27 @@ def test_rank_refuses_what_it_cannot_score(loaded):
                               answer_list=CANDIDATES)
     with pytest.raises(ValueError, match="empty continuation"):
         model.score_continuations(model.encode_image(images[:1]), ["Question: q"], [" "])
+
+
+def test_conversation_mode_scores_with_the_training_loss(plugin):
+    """VL-Vicuna in conversation mode scores the answer in its conversation layout: with its
+    closing "###", the sum equals the training loss of that one-turn conversation times its
+    labelled tokens; without it, the "###" tokens' log-probability is left out."""
+    from lavis_vpgtrans.models.loading import load_chat_model
+    from lavis_vpgtrans.toy import world
+
+    model, vis = load_chat_model("blip2_vicuna", "tiny_vl_vicuna", device="cpu")
+    image = vis(world.render(world.sample_scene(random.Random(2)))).unsqueeze(0)
+    prompts = model.encode_image(image)
+    question, answers = "Question: what color is the circle? Answer:", ["red", "green square"]
+    with_end = model.score_continuations(prompts, [question] * 2, answers, end_of_text=True, prompt_index=[0, 0])
+    bare = model.score_continuations(prompts, [question] * 2, answers, end_of_text=False, prompt_index=[0, 0])
+    with torch.no_grad():
+        for answer, (logprob, _), (logprob_bare, _) in zip(answers, with_end, bare):
+            labelled = sum(label != -100 for label in model.tokenize_conversation([(question, answer)]).labels)
+            loss = model.conversation_loss(image, [[(question, answer)]])
+            assert abs(logprob + float(loss) * labelled) < 1e-4
+            assert logprob_bare > logprob  # the "###" tokens have a probability < 1
+    ranked = model.predict_answers({"image": image, "text_input": ["what color is the circle"]},
+                                   inference_method="rank", answer_list=answers)
+    assert ranked == [answers[0] if with_end[0][0] >= with_end[1][0] else answers[1]]

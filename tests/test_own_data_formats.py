@@ -48,9 +48,9 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, toy_data):
-    """img2dataset's webdataset output for N_IMAGES toy images served on 127.0.0.1 (plus one url
-    that answers 404), with extra columns saved into each sample's json: a list of references and
-    a question / answer."""
+    """img2dataset's webdataset output for N_IMAGES toy images (64 px) served on 127.0.0.1 (plus
+    one url that answers 404), resized to 48 px by its default resize mode, with extra columns saved
+    into each sample's json: a list of references and a question / answer."""
     root = tmp_path_factory.mktemp("img2dataset")
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler,
                                                                                  directory=toy_data.images))
@@ -71,7 +71,7 @@ def shards(tmp_path_factory, toy_data):
             [img2dataset, "--url_list", str(root / "urls.jsonl"), "--input_format", "jsonl", "--url_col", "url",
              "--caption_col", "caption", "--save_additional_columns", "['references','question','answer']",
              "--output_format", "webdataset", "--output_folder", str(root / "shards"), "--processes_count", "1",
-             "--thread_count", "4", "--number_sample_per_shard", str(PER_SHARD), "--resize_mode", "no",
+             "--thread_count", "4", "--number_sample_per_shard", str(PER_SHARD), "--image_size", "48",
              "--enable_wandb", "False"],
             cwd=root, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     finally:
@@ -80,6 +80,9 @@ def shards(tmp_path_factory, toy_data):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     stats = [json.load(open(root / "shards" / f"{i:05d}_stats.json")) for i in range(3)]
     assert sum(s["successes"] for s in stats) == N_IMAGES and sum(s["failed_to_download"] for s in stats) == 1
+    with tarfile.open(root / "shards" / "00000.tar") as tar:  # its default resize (border: opencv, albumentations)
+        meta = json.load(tar.extractfile(next(n for n in tar.getnames() if n.endswith(".json"))))
+    assert (meta["width"], meta["original_width"], meta["status"]) == (48, 64, "success")
     return SimpleNamespace(root=root, pattern="shards/{00000..00002}.tar", captions=[r["caption"] for r in rows
                                                                                     if r["caption"] != "gone"])
 

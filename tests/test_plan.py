@@ -207,3 +207,42 @@ def test_real_sized_opt_125m_planned_within_20_percent(plugin, tmp_path):
     assert measured["peak"] <= planned["peak"] <= 1.2 * measured["peak"]
     above = [x["peak"] - x["weights"] - x["optimizer"] for x in (planned, measured)]
     assert above[1] <= above[0] <= 1.2 * above[1]
+
+
+def test_paper_stage2_config_planned_from_known_configs(plugin):
+    """The paper's stage-2 config (ViT-g + OPT-6.7B, hub ids not on disk): exact parameter counts
+    from the architectures alone, and 4-bit shrinks the LLM's weights to about a quarter."""
+    from lavis_vpgtrans.plan.estimate import make_plan
+    from lavis_vpgtrans.plan.report import load_run_config, setting_of
+
+    plans = {}
+    for options in ([], ["model.llm_quantization.bits=4"]):
+        cfg = load_run_config("projects/vpgtrans/stage2.yaml", options)
+        plans[bool(options)] = make_plan(cfg.model_cfg, setting_of(cfg, 1), [2], gpu_gib=24, alternatives=False)
+    parts = {p.name: p for p in plans[False].stages[0].parts}
+    assert parts["ViT"].params == 985_894_528  # EVA ViT-g, 39 blocks (LAVIS drops the last of 40)
+    assert parts["LLM"].params == 6_658_473_984  # OPT-6.7B
+    assert parts["LLM"].bytes == 2 * parts["LLM"].params  # fp16, no buffers
+    q4 = {p.name: p for p in plans[True].stages[0].parts}["LLM"]
+    assert 0.25 < q4.bytes / parts["LLM"].bytes < 0.3  # NF4 + absmax; embeddings and head stay fp16
+    # the paper's 72 per GPU does not fit one 24 GiB card either way; 4-bit admits a larger batch
+    assert not plans[False].fits() and not plans[True].fits()
+    assert 1 <= plans[False].largest_batch() < plans[True].largest_batch() < 72
+
+
+def test_cli_verdict_and_refusals(plugin, capsys):
+    """The CLI on a toy config: the verdict names the largest batch and the settings that fit;
+    run.fsdp with a k-bit LLM is refused as the runner refuses it; an unknown hub id is named."""
+    from lavis_vpgtrans.plan.report import main
+
+    cfg = "projects/vpgtrans/demo/tiny_caption_opt.yaml"  # batch 16; ~5 MB of tensors on a 0.7555 GiB card
+    assert main(["--cfg-path", cfg, "--gpu-gib", "0.7555"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "the largest batch that fits is" in out
+    assert "4-bit LLM" in out and "activation checkpointing" in out
+    assert main(["--cfg-path", cfg, "--gpu-gib", "1"]) == 0
+    assert "FITS" in capsys.readouterr().out
+    assert main(["--cfg-path", cfg, "--options", "model.llm_quantization.bits=4", "run.fsdp=true"]) == 2
+    assert "run.fsdp with model.llm_quantization" in capsys.readouterr().err
+    assert main(["--cfg-path", cfg, "--options", "model.llm_model=nobody/unknown-llm"]) == 2
+    assert "model.llm_model='nobody/unknown-llm'" in capsys.readouterr().err

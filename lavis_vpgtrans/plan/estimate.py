@@ -268,6 +268,9 @@ class Plan:
 def make_plan(model_cfg, setting: Setting, stages: List[int], gpu_gib: Optional[float] = None,
               parts_cache: Optional[dict] = None, alternatives: bool = True) -> Plan:
     parts_cache = {} if parts_cache is None else parts_cache
+    if setting.fsdp and (model_cfg.get("llm_quantization", None) or model_cfg.get("llm_lora", None) not in (None, False)):
+        raise PlanError("run.fsdp with model.llm_quantization or model.llm_lora: the runner refuses it "
+                        "(common/sharding.py); remove run.fsdp (one process, or DDP)")
     stage_plans = [plan_stage(model_cfg, setting, s, parts_cache) for s in stages]
     plan = Plan(setting, stage_plans, stage_plans[0].info, gpu_gib)
     if gpu_gib is not None and alternatives:
@@ -293,7 +296,7 @@ def _alternatives(model_cfg, setting: Setting, stages, gpu_gib, parts_cache):
     if lora:
         no_lora = OmegaConf.merge(model_cfg, {"llm_lora": None})
         options.append(("LoRA off (model.llm_lora=null)", no_lora, {}))
-    if not setting.fsdp:
+    if not setting.fsdp and not quantized and not lora:  # (the runner refuses fsdp with either)
         gpus = setting.gpus if setting.gpus > 1 else 8
         options.append((f"run.fsdp on {gpus} GPUs", model_cfg, dict(fsdp={"shard_llm": True, "shard_vit": True},
                                                                      gpus=gpus)))

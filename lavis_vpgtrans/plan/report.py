@@ -124,14 +124,21 @@ def main(argv=None):
         prog="python -m lavis_vpgtrans.plan",
         description="What a training run of a config holds per GPU (weights, gradients, optimizer state, "
                     "activations), planned from the config without loading a weight, and whether it fits.")
-    parser.add_argument("--cfg-path", required=True, help="the training config (as for train.py)")
+    parser.add_argument("--cfg-path", default=None, help="the training config (as for train.py)")
     parser.add_argument("--options", nargs="+", default=None,
                         help="config overrides as for train.py, e.g. model.llm_quantization.bits=4")
     parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) of the run: DDP, or run.fsdp's shards")
     parser.add_argument("--gpu-gib", type=float, default=None, help="memory of one GPU in GiB: print a verdict")
+    parser.add_argument("--fits-table", action="store_true",
+                        help="instead: the README's table of what fits where (stage 2 of each target; --cfg-path not needed)")
     args = parser.parse_args(argv)
+    if args.fits_table:
+        print(fits_table())
+        return 0
     if args.gpus < 1:
         parser.error("--gpus must be at least 1")
+    if not args.cfg_path:
+        parser.error("--cfg-path is required")
     try:
         cfg = load_run_config(args.cfg_path, args.options)
         print(format_plan(cfg, args.gpus, args.gpu_gib, title=args.cfg_path))
@@ -165,3 +172,54 @@ def log_plan(argv) -> None:
     except Exception as e:  # noqa: BLE001  the plan informs, it never stops training
         logging.getLogger(__name__).warning("memory plan not available: %s", e)
         print(f"memory plan not available: {e}", flush=True)
+
+
+# ---------------------------------------------------------------------------- what fits where
+
+# The README's targets: (label, stage-2 config, overrides)
+TABLE_TARGETS = [
+    ("OPT-6.7B", "projects/vpgtrans/stage2.yaml", []),
+    ("LLaMA-7B", "projects/vpgtrans/scale_up/opt6.7b_to_llama7b_stage2.yaml", []),
+    ("Vicuna-7B", "projects/vpgtrans/scale_up/opt6.7b_to_vicuna7b_stage2.yaml", []),
+    ("Vicuna-13B", "projects/vpgtrans/scale_up/opt6.7b_to_vicuna7b_stage2.yaml",
+     ["model.llm_model=lmsys/vicuna-13b-v1.1"]),
+    ("Llama-3-8B", "projects/vpgtrans/scale_up/opt6.7b_to_llama7b_stage2.yaml",
+     ["model.arch=blip2_causal_lm", "model.model_type=llama3_8b"]),
+    ("Qwen2.5-7B", "projects/vpgtrans/scale_up/opt6.7b_to_llama7b_stage2.yaml",
+     ["model.arch=blip2_causal_lm", "model.model_type=qwen2.5_7b"]),
+    ("Flan-T5-XXL", "projects/vpgtrans/scale_up/flant5xl_to_flant5xxl_stage2.yaml", []),
+]
+TABLE_SETTINGS = [
+    ("one GPU, LLM {precision}", [], 1, None),
+    ("one GPU, 4-bit", ["model.llm_quantization.bits=4"], 1, None),
+    ("one GPU, 4-bit + LoRA r=8", ["model.llm_quantization.bits=4", "model.llm_lora.r=8"], 1, None),
+    ("DDP on 8, per GPU", [], 8, None),
+    ("FSDP on 8, per GPU", [], 8, dict(FSDP_DEFAULTS)),
+]
+TABLE_CARDS = (24, 40, 80)
+
+
+def fits_table(repo_root: str = ".") -> str:
+    """Markdown: for each target and setting, the largest stage-2 batch per GPU that fits each card
+    (planned), the config's batch and the planned peak at it."""
+    rows = ["| target | setting | weights + grads + AdamW per GPU (GiB) | activations per sample (GiB) "
+            "| peak at the config's batch (GiB on the card) | " + " | ".join(f"{c} GB: largest batch" for c in TABLE_CARDS)
+            + " |",
+            "|---|---|---|---|---|" + "---|" * len(TABLE_CARDS)]
+    for label, cfg_path, options in TABLE_TARGETS:
+        for name, extra, gpus, fsdp in TABLE_SETTINGS:
+            cfg = load_run_config(os.path.join(repo_root, cfg_path), options + extra)
+            setting = setting_of(cfg, gpus)
+            setting.fsdp = fsdp
+            plan = make_plan(cfg.model_cfg, setting, [2], None, alternatives=False)
+            sp = plan.stages[0]
+            on_card = sp.peak * (1 + ALLOCATOR_SLACK) / GIB + CUDA_CONTEXT_GIB
+            batches = []
+            for card in TABLE_CARDS:
+                plan.gpu_gib = card
+                b = plan.largest_batch()
+                batches.append(f"{b} (planned)" if b else "does not fit (planned)")
+            rows.append(f"| {label} | {name.format(precision=cfg.model_cfg.llm_precision)} | {sp.fixed / GIB:.1f} "
+                        f"| {sp.activations_per_sample / GIB:.3f} | {on_card:.1f} at batch {setting.batch} (planned) | "
+                        + " | ".join(batches) + " |")
+    return "\n".join(rows)

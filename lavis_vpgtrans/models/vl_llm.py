@@ -130,8 +130,9 @@ class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
         trainable = self.trainable_prefixes()
         for name, param in self.named_parameters():
             param.requires_grad = name.startswith(trainable) or (self.train_vpg and self.is_adapter(name))
-        if self.llm_lora is not None and not self.train_vpg:
+        if self.llm_lora is not None and not self.train_vpg and not getattr(self, "_told_adapters_wait", False):
             logger.info("llm_lora: the adapters train with the VPG (train_vpg: true), not in this stage")
+            self._told_adapters_wait = True
         self.train(self.training)
 
     @staticmethod

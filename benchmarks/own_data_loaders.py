@@ -134,7 +134,6 @@ def own_dataset(root, storage, size, images=None, processor="blip_image_train", 
 
 def iterate(dataset, n, batch=16):
     """Images per CPU second and per wall second of reading n samples (after one warm-up batch)."""
-    import torch
     from torch.utils.data import DataLoader, IterableDataset
 
     collate = None if isinstance(dataset, IterableDataset) else dataset.collater
@@ -149,11 +148,11 @@ def iterate(dataset, n, batch=16):
 
 
 def throughput(args):
+    import lavis.datasets.builders  # noqa: F401  registers coco_caption
     import torch
     from lavis.common.registry import registry
 
     import lavis_vpgtrans  # noqa: F401  registers own_caption
-    import lavis.datasets.builders  # noqa: F401  registers coco_caption
 
     torch.set_num_threads(1)
     root = tempfile.mkdtemp(prefix="own_loaders_")
@@ -251,8 +250,9 @@ def memory(args):
     root = tempfile.mkdtemp(prefix="own_memory_")
     try:
         write_big(root, args.records)
+        big = os.path.join(root, "big")
         sizes = {"jsonl": os.path.getsize(os.path.join(root, "big.jsonl")),
-                 "webdataset": sum(os.path.getsize(os.path.join(root, "big", n)) for n in os.listdir(os.path.join(root, "big")))}
+                 "webdataset": sum(os.path.getsize(os.path.join(big, n)) for n in os.listdir(big))}
         print(f"\npeak memory of building and iterating {args.records} samples (batch 256, tiny 16 px images), "
               f"each in a fresh process: peak RSS (VmHWM) minus RSS after the imports")
         print(f"{'format':<14}{'files MiB':>11}{'after imports':>15}{'after batch 1':>15}{'peak MiB':>10}"

@@ -78,7 +78,7 @@ def shards(tmp_path_factory, toy_data):
         server.shutdown()
         thread.join()
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    stats = [json.load(open(root / "shards" / f"{i:05d}_stats.json")) for i in range(3)]
+    stats = [json.loads((root / "shards" / f"{i:05d}_stats.json").read_text()) for i in range(3)]
     assert sum(s["successes"] for s in stats) == N_IMAGES and sum(s["failed_to_download"] for s in stats) == 1
     with tarfile.open(root / "shards" / "00000.tar") as tar:  # its default resize (border: opencv, albumentations)
         meta = json.load(tar.extractfile(next(n for n in tar.getnames() if n.endswith(".json"))))
@@ -190,7 +190,8 @@ def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path
         "model": {"model_type": "tiny_opt_small"},
         "datasets": {"own_caption": {
             "data_root": str(shards.root), "shuffle_buffer": 8, **small_images(),
-            "build_info": {"annotations": {"train": {"storage": shards.pattern}, "val": {"storage": str(folder.root)}}}}},
+            "build_info": {"annotations": {"train": {"storage": shards.pattern},
+                                           "val": {"storage": str(folder.root)}}}}},
         "run": {"iters_per_inner_epoch": 4, "max_iters": 4, "batch_size_train": 8, "batch_size_eval": 4,
                 "num_workers": 2, "warmup_steps": 1, "init_lr": 1e-4, "num_beams": 1, "max_len": 6, "min_len": 1,
                 "amp": False, "valid_splits": [], "test_splits": [], "device": "cpu", "distributed": False,
@@ -306,7 +307,7 @@ def test_imagefolder_bad_input(plugin, folder, tmp_path):
     root = tmp_path / "f"
     root.mkdir()
     (root / "broken.jpg").write_bytes(b"not a jpeg")
-    first = sorted(n for n in os.listdir(folder.root) if n.endswith(".jpg"))[0]
+    first = min(n for n in os.listdir(folder.root) if n.endswith(".jpg"))
     shutil.copy(folder.root / first, root / first)
 
     def write(rows):

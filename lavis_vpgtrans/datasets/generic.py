@@ -112,12 +112,17 @@ def is_shard_pattern(path: str) -> bool:
     return path.endswith(".tar") or any(c in os.path.basename(path) for c in "{*?[")
 
 
+def has_metadata(directory: str) -> bool:
+    """An imagefolder's metadata file in the directory or in a split directory below it."""
+    dirs = [directory] + [os.path.join(directory, d) for d in os.listdir(directory)]
+    return any(os.path.isfile(os.path.join(d, m)) for d in dirs for m in METADATA_FILES)
+
+
 def detect_format(path: str) -> str:
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, n)) for n in ("state.json", "dataset_dict.json")):
             return "hf"
-        subdirs = [path] + [os.path.join(path, d) for d in os.listdir(path)]
-        if any(os.path.isfile(os.path.join(d, m)) for d in subdirs for m in METADATA_FILES):
+        if has_metadata(path):
             return "imagefolder"
         return "hf"
     if is_shard_pattern(path):
@@ -342,8 +347,7 @@ class RecordReader:
         name the directory."""
         import datasets
 
-        if not any(os.path.isfile(os.path.join(d, m)) for d in [path] + [os.path.join(path, x) for x in os.listdir(path)]
-                   for m in METADATA_FILES):
+        if not has_metadata(path):
             raise DataError(f"{path}: an imagefolder without {' / '.join(METADATA_FILES)} (the captions, with a "
                             f"file_name column naming each image)")
         try:
@@ -640,8 +644,10 @@ class OwnDataBuilder(LocalFilesBuilder):
         """webdataset when the split's files are shards (they cannot be mixed with record files)."""
         formats = [fmt or detect_format(p) for p in paths]
         if "webdataset" in formats and set(formats) != {"webdataset"}:
+            builder = "own_caption" if self.kind == CAPTION else "own_vqa"
             raise DataError(f"dataset {self._name()!r} {split}: webdataset shards and record files in one split "
-                            f"({paths}); give them as two datasets mixed by run.train_dataset_ratios")
+                            f"({paths}); give them as two datasets (two names, each with `builder: {builder}`) "
+                            f"mixed by run.train_dataset_ratios")
         return formats[0]
 
     def _build_stream(self, split, paths, options, skip):

@@ -27,7 +27,8 @@ q = num_query_token, text = max_txt_len, T = q + text tokens through a decoder-o
                  int8         Linear8bitLt keeps each linear's input as well (+3h s, +f s gated)
                  LoRA         each adapter's dropout output (+ mask) and its r-wide middle
                run.activation_checkpointing.llm: one hidden state per layer and token, plus one
-               layer recomputed in backward. The head: log-softmax of the logits in fp32 (4 B V per
+               layer recomputed in backward. Backward's working set: the hidden states' gradients
+               in flight, and for eager attention (T5) the probabilities' and scores' gradients. The head: log-softmax of the logits in fp32 (4 B V per
                token) kept, and 8 B V per token more at the start of backward (the gradients of the
                log-probabilities and of the logits). The Q-Former (stage 2) is counted op by op
                (dropout masks included), the ViT runs without a graph (its forward peak is one
@@ -124,6 +125,8 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
         # backward: the hidden states' gradients in flight (the encoder output's accumulates over
         # the decoder's cross-attentions)
         out["hidden-state gradients (transient)"] = 2 * (ne + nd) * h * s_res
+        # eager attention's backward: the gradients of the probabilities and of the scores, fp32
+        out["attention backward (transient)"] = batch * a * max(te * te, td * te) * 8
     else:
         t = q + text
         n = batch * t

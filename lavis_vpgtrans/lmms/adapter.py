@@ -55,7 +55,7 @@ class VPGTransAdapter:
         self.model, self.vis_processor = load_chat_model(arch, model_type, llm_model=llm_model, checkpoint=checkpoint,
                                                          device=device, options=options)
         self.prompt = self.model.vqa_prompt if prompt == "vqa" else str(prompt or "")
-        self.score_end_of_text = bool(score_end_of_text)
+        self.score_end_of_text = _flag("score_end_of_text", score_end_of_text)
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self._device = torch.device(device)
         if not hasattr(self, "task_dict"):  # lmms-eval's base class sets it (outside lmms-eval: tests)
@@ -205,3 +205,12 @@ class VPGTransAdapter:
 def _visual_args(args) -> tuple:
     """(doc_to_visual, task, split, doc_id) of a request's args (context, x, doc_to_visual, doc_id, task, split)."""
     return args[2], args[4], args[5], args[3]
+
+
+def _flag(name: str, value) -> bool:
+    """A boolean model arg (lmms-eval parses true / false; a string that is neither is an error)."""
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "false"):
+        return str(value).lower() == "true"
+    raise ValueError(f"model arg {name} must be true or false, got {value!r}")

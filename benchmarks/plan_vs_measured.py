@@ -1,7 +1,7 @@
 """The memory plan (python -m lavis_vpgtrans.plan) against the memory one training step actually
 allocates on CPU (lavis_vpgtrans/plan/measure.py: every tensor storage from creation to release),
 for the toy models and for random-weight OPT-125M (fp32, bf16) and OPT-1.3B (bf16) (their real architectures, built from
-their configs; toy ViT and Q-Former), in stages 1 and 2. (OPT-350M is not among them: its word
+their configs; toy ViT and Q-Former), in stages 1 and 2; the toy models also with LoRA, 4-bit, 8-bit and QLoRA. (OPT-350M is not among them: its word
 embeddings are 512 wide, projected to its 1024-wide layers, and the VL-LLMs' projector is built
 for config.hidden_size, as LAVIS's blip2_opt does: such a model does not run.)
 
@@ -32,7 +32,14 @@ def cases(sizes, work):
         out += [("blip2_opt_transfer", "tiny_opt_small", {}, "toy OPT"),
                 ("blip2_opt_transfer", "tiny_opt_small", {"llm_precision": "bf16"}, "toy OPT"),
                 ("blip2_llama", "tiny_llama", {"llm_precision": "bf16"}, "toy LLaMA"),
-                ("blip2_t5_transfer", "tiny_t5", {}, "toy Flan-T5")]
+                ("blip2_t5_transfer", "tiny_t5", {}, "toy Flan-T5"),
+                ("blip2_opt_transfer", "tiny_opt_small", {"llm_lora": {"r": 4}}, "toy OPT, LoRA r=4"),
+                ("blip2_opt_transfer", "tiny_opt_small", {"llm_precision": "bf16", "llm_quantization": {"bits": 4}},
+                 "toy OPT, 4-bit"),
+                ("blip2_llama", "tiny_llama", {"llm_precision": "bf16", "llm_quantization": {"bits": 8}},
+                 "toy LLaMA, 8-bit"),
+                ("blip2_llama", "tiny_llama", {"llm_precision": "bf16", "llm_quantization": {"bits": 4},
+                                               "llm_lora": {"r": 4}}, "toy LLaMA, QLoRA r=4")]
     import torch
 
     for name, precisions in (("opt-125m", ("fp32", "bf16")), ("opt-1.3b", ("bf16",))):

@@ -193,6 +193,24 @@ def test_planned_step_within_20_percent_of_measured(plugin, arch, model_type, ov
     assert above[1] <= above[0] <= 1.25 * above[1]
 
 
+@pytest.mark.parametrize("arch,model_type,overrides", [
+    ("blip2_opt_transfer", "tiny_opt_small", {"llm_lora": {"r": 4}}),
+    ("blip2_opt_transfer", "tiny_opt_small", {"llm_precision": "bf16", "llm_quantization": {"bits": 4}}),
+    ("blip2_llama", "tiny_llama", {"llm_precision": "bf16", "llm_quantization": {"bits": 8}}),
+    ("blip2_llama", "tiny_llama", {"llm_precision": "bf16", "llm_quantization": {"bits": 4}, "llm_lora": {"r": 4}}),
+])
+def test_quantized_and_lora_steps_within_20_percent(plugin, arch, model_type, overrides):
+    """The k-bit LLM (bitsandbytes on CPU, models/kbit.py) and LoRA / QLoRA (peft): weights with the
+    quantisation state, gradients and AdamW state (adapters included) to the byte; the peak within 20%."""
+    from lavis_vpgtrans.plan.measure import plan_vs_measured
+
+    r = plan_vs_measured(arch, _model_cfg(arch, model_type, overrides), batch=16, stage=2)
+    planned, measured = r["planned"], r["measured"]
+    for key in ("weights", "gradients", "optimizer"):
+        assert planned[key] == measured[key], key
+    assert 0.8 * measured["peak"] <= planned["peak"] <= 1.2 * measured["peak"]
+
+
 def test_real_sized_opt_125m_planned_within_20_percent(plugin, tmp_path):
     """A random-weight OPT-125M (its real architecture, 50k vocabulary) behind the toy VPG, bf16."""
     from lavis_vpgtrans.common.paths import resolve_path

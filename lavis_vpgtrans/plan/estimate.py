@@ -130,12 +130,20 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
     else:
         t = q + text
         n = batch * t
+        # QLoRA's fp32 residual stream: bitsandbytes returns its matmuls in their input's dtype, so
+        # the MLP's activations are fp32 too; SDPA runs under autocast in the compute dtype
+        s_mlp = s_res
         if info.model_type == "opt":
-            per_token = 2 * h * s_res + 4 * h * s + f * s + 4 * s_res + 4 * a
+            per_token = 2 * h * s_res + 4 * h * s + f * s_mlp + 4 * s_res + 4 * a
         else:
-            per_token = 8 * h + 4 * h * s + 3 * f * s + 8 + 4 * a
+            per_token = 8 * h + 4 * h * s + 3 * f * s_mlp + 8 + 4 * a
         if quant and quant["bits"] == 8:
-            per_token += 3 * h * s + (f * s if info.gated else 0)
+            # Linear8bitLt keeps its fp16 input: the layer's distinct inputs when they are fp16 already,
+            # else a cast copy per linear layer (q, k, v, o; fc1 / gate, up; fc2 / down)
+            if s_res == 2 and info.llm_dtype_bytes == 2 and not info.qlora and s_llm_is_fp16(info):
+                per_token += (3 * h + (f if info.gated else 0)) * 2
+            else:
+                per_token += ((5 * h + f) if not info.gated else (6 * h + f)) * 2
         layer = n * per_token
         if checkpointing:
             out["LLM layers (checkpointed)"] = info.layers * n * h * s_res + layer
@@ -148,11 +156,16 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
     if info.lora_rank_total:
         lora_tokens = tokens if not info.encoder_decoder else batch * (q + text + output_text + 1) / 2
         mask = 1 if info.lora_dropout > 0 else 0
-        kept = lora_tokens * (info.lora_in_total * ((s if mask else 0) + mask) + info.lora_rank_total * s)
+        # each adapter's dropout output (in the residual stream's dtype) and mask, and its r-wide middle
+        kept = lora_tokens * (info.lora_in_total * ((s_res if mask else 0) + mask) + info.lora_rank_total * s)
         out["LoRA adapters"] = kept / (1 if not checkpointing else max(1, info.layers + info.decoder_layers))
     out["log-probabilities (fp32)"] = tokens * V * LOGSOFTMAX_KEPT
     out["loss backward (transient)"] = tokens * V * LOSS_BACKWARD_EXTRA
     return out
+
+
+def s_llm_is_fp16(info) -> bool:
+    return getattr(info, "llm_precision", "fp16") == "fp16"
 
 
 def qformer_activations(d, batch: int, image_tokens: int, vit_width: int, trains: bool, checkpointing: bool,

@@ -50,6 +50,21 @@ class LiveTensorBytes(TorchDispatchMode):
         return out
 
 
+def quantization_state(param) -> list:
+    """The tensors a bitsandbytes parameter holds beside its data: Params4bit's quant state (absmax,
+    code, nested absmax, offset), Int8Params' per-row scales (SCB)."""
+    out = []
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        out += [state.absmax, state.code]
+        if getattr(state, "nested", False):
+            out += [state.state2.absmax, state.offset]  # (state2.code: one table shared by every layer)
+    scb = getattr(param, "SCB", None)
+    if isinstance(scb, torch.Tensor):
+        out.append(scb)
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
 def _storage_bytes(tensors) -> int:
     seen, total = set(), 0
     for t in tensors:
@@ -71,6 +86,8 @@ def measure_training_steps(model, samples, steps: int = 2, lr: float = 1e-5) -> 
     tracker = LiveTensorBytes()
     for t in list(model.parameters()) + list(model.buffers()):
         tracker.track(t)
+        for extra in quantization_state(t):
+            tracker.track(extra)
     weights = tracker.current
     grads = optimizer_state = 0
     with tracker:

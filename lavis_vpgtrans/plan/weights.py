@@ -83,6 +83,7 @@ class LLMInfo:
     qlora: bool = False
     llm_dtype_bytes: int = 2
     inner: int = 0  # T5: heads x d_kv (the attention's width)
+    llm_precision: str = "fp16"
 
 
 def module_bytes(module: nn.Module, dtype_of=None) -> int:
@@ -390,6 +391,7 @@ def llm_part(model_cfg, stage_trains_lora: bool):
     info.quant = quant
     info.qlora = qlora
     info.llm_dtype_bytes = torch.empty((), dtype=dtype).element_size()
+    info.llm_precision = precision
     return part, lora_part, info
 
 

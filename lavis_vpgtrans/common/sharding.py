@@ -187,10 +187,11 @@ def resharded(model: nn.Module) -> nn.Module:
     return model
 
 
-def full_trainable_state(model: nn.Module) -> Dict[str, torch.Tensor]:
-    """The trainable parameters as full CPU tensors (gathered: every rank must call this)."""
+def full_trainable_state(model: nn.Module, also=frozenset()) -> Dict[str, torch.Tensor]:
+    """The trainable parameters (and those named in `also`) as full CPU tensors (gathered: every
+    rank must call this)."""
     resharded(model)
-    return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _full(p.detach()).cpu() for n, p in model.named_parameters() if p.requires_grad or n in also}
 
 
 def copy_full_into(target: torch.Tensor, value: torch.Tensor) -> None:

@@ -88,6 +88,19 @@ class VPGTransRunner(PortableRunner):
         logging.info("VPGTrans stage %d: %s train (%d parameters)", stage,
                      "projector only" if stage == 1 else "VPG and projector", trainable)
 
+    def checkpoint_also_saves(self) -> frozenset:
+        """A stage-1 checkpoint holds the inherited VPG besides the projector: with the stage-2
+        model's trainable set, checkpoint_best.pth of a run whose best epoch is in stage 1 loads for
+        the run's final test and for evaluate.py (the projector alone would meet a VPG that stage 2
+        has changed since, or lack the keys a train_vpg model requires)."""
+        if self.stage != 1:
+            return frozenset()
+        model = self._model
+        model.set_trainable(train_vpg=True)
+        names = frozenset(n for n, p in model.named_parameters() if p.requires_grad)
+        model.set_trainable(train_vpg=False)
+        return names
+
     def train_epoch(self, epoch):
         self.enter_stage(self.stage_of(epoch))
         return super().train_epoch(epoch)

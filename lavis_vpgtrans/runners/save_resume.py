@@ -36,9 +36,17 @@ class SaveResume:
         """Trainable parameters only: no frozen ViT / LLM, no buffers, no tied copies. Full
         tensors also when sharded (gathered: then every rank must call this)."""
         model = self.unwrap_dist_model(self.model)
+        also = self.checkpoint_also_saves()
         if sharding.is_sharded(model):
-            return sharding.full_trainable_state(model)
-        return {n: v.cpu() for n, v in trainable_state(model).items()}
+            return sharding.full_trainable_state(model, also)
+        state = {n: v.cpu() for n, v in trainable_state(model).items()}
+        state.update({n: p.detach().cpu() for n, p in model.named_parameters() if n in also and n not in state})
+        return state
+
+    def checkpoint_also_saves(self) -> frozenset:
+        """Hook: names of frozen parameters a checkpoint holds as well (runner_vpgtrans: in stage 1,
+        the VPG that stage 2 trains, so that every checkpoint of the run loads as a whole model)."""
+        return frozenset()
 
     def optimizer_state_dict(self):
         """The optimizer's state; when sharded, with full tensors keyed by parameter name (gathered on

@@ -1,4 +1,4 @@
-# Sourced by explore.sh and _transfer.sh. With VPGTRANS_MINIATURE=1 the same commands run in
+# Sourced by explore.sh, _transfer.sh and run_scripts/own_data/*.sh. With VPGTRANS_MINIATURE=1 the same commands run in
 # miniature (run_scripts/vpgtrans/miniature.py): toy models and a toy data root in the real
 # layout (DATA, default output/vpgtrans/miniature/data), CPU, NPROC=1 unless set, tiny runs.
 # Output dirs, job ids and the checkpoint paths the runs hand each other stay the recipe's.
@@ -18,4 +18,15 @@ train() {
     mapfile -t mini <<< "$MINI_TEXT"
   fi
   $PY -m torch.distributed.run --nproc_per_node="$NPROC" train.py --cfg-path "$cfg" --options "$@" "${mini[@]}"
+}
+
+# evaluate CFG CKPT [OPTION ...]: evaluate.py on a checkpoint, with the miniature's options when switched on
+evaluate() {
+  local cfg=$1 ckpt=$2 mini=()
+  shift 2
+  if [ "$MINIATURE" = 1 ]; then
+    MINI_TEXT=$($PY run_scripts/vpgtrans/miniature.py options "$cfg" "$@")
+    mapfile -t mini <<< "$MINI_TEXT"
+  fi
+  $PY evaluate.py --cfg-path "$cfg" --ckpt "$ckpt" --options "$@" "${mini[@]}"
 }

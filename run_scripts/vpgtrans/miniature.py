@@ -7,6 +7,11 @@ so that their commands, configs and paths run as written, on the toy zoo, on CPU
         benchmarks; prints the toy zoo's directory (its LLMs stand in for the hub ids)
     python run_scripts/vpgtrans/miniature.py source ARCH MODEL_TYPE OUT
         a source BLIP-2 checkpoint (untrained toy model: VPG + projector) for a transfer script
+    python run_scripts/vpgtrans/miniature.py own-data DIR
+        "your own data" for run_scripts/own_data/ (README, "Your own data"), in the layouts the
+        own_data configs document: DIR/captions (train.jsonl, val.json with reference lists),
+        DIR/vqa (train.jsonl, val.json with VQAv2-style answer lists), DIR/instruct
+        (llava_instruct.json in LLaVA's format), each with images/ -> the toy world's images
     python run_scripts/vpgtrans/miniature.py options CFG [OPTION ...]
         prints, a line each, the train.py options that make the run of CFG with the script's own
         OPTIONs tiny: toy model type, toy image size for every dataset (extra validation
@@ -84,6 +89,60 @@ def write_data(out: str) -> str:
             raise
         shutil.rmtree(tmp)
     return root
+
+
+def write_own_data(out: str) -> None:
+    """Toy records in the own_data configs' layouts, written as a user would: json.dump / one
+    json.dumps per line."""
+    if os.path.isfile(os.path.join(out, "READY")):
+        return
+    from lavis_vpgtrans.toy import zoo
+
+    data = os.path.join(zoo.ensure_zoo(), "data")
+    with open(os.path.join(data, "annotations", "caption_train.json")) as f:
+        captions = json.load(f)
+    with open(os.path.join(data, "annotations", "vqa_train.json")) as f:
+        questions = json.load(f)
+    tmp = f"{out}.tmp{os.getpid()}"
+    train_caps = captions[:CAPTIONS]
+    references = {}  # the images after the training ones, each with all its captions
+    for r in captions:
+        if all(r["image"] != t["image"] for t in train_caps):
+            references.setdefault(r["image"], []).append(r["caption"])
+    val_caps = [{"image": image, "caption": refs} for image, refs in list(references.items())[:8]]
+    files = {
+        "captions/train.jsonl": [{"image": r["image"], "caption": r["caption"]} for r in train_caps],
+        "captions/val.json": val_caps,
+        "vqa/train.jsonl": [{"image": q["image"], "question": q["question"], "answer": q["answer"]}
+                            for q in questions[:CAPTIONS]],
+        "vqa/val.json": [{"image": q["image"], "question": q["question"], "answer": q["answer"]}
+                         for q in questions[CAPTIONS:CAPTIONS + 8]],
+        "instruct/llava_instruct.json": [
+            {"id": str(i), "image": r["image"],
+             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
+                               {"from": "gpt", "value": r["caption"]},
+                               {"from": "human", "value": "How many shapes are there?"},
+                               {"from": "gpt", "value": str(len(r["caption"].split(" and ")))}]}
+            for i, r in enumerate(train_caps)],
+    }
+    for name, records in files.items():
+        path = os.path.join(tmp, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            if name.endswith(".jsonl"):
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            else:
+                json.dump(records, f)
+    for part in ("captions", "vqa", "instruct"):
+        os.symlink(os.path.join(data, "images"), os.path.join(tmp, part, "images"))
+    with open(os.path.join(tmp, "READY"), "w") as f:
+        f.write(data)
+    try:
+        os.rename(tmp, out)
+    except OSError:  # another script's build is there
+        if not os.path.isfile(os.path.join(out, "READY")):
+            raise
+        shutil.rmtree(tmp)
 
 
 def write_source(arch: str, model_type: str, out: str) -> None:
@@ -181,12 +240,14 @@ def options(cfg_path: str, script_options) -> list:
 def main(argv) -> None:
     if len(argv) >= 2 and argv[0] == "data":
         print(write_data(argv[1]))
+    elif len(argv) == 2 and argv[0] == "own-data":
+        write_own_data(argv[1])
     elif len(argv) == 4 and argv[0] == "source":
         write_source(*argv[1:])
     elif len(argv) >= 2 and argv[0] == "options":
         print("\n".join(options(argv[1], argv[2:])))
     else:
-        fail(f"usage: data DIR | source ARCH MODEL_TYPE OUT | options CFG [OPTION ...] (got {argv})")
+        fail(f"usage: data DIR | own-data DIR | source ARCH MODEL_TYPE OUT | options CFG [OPTION ...] (got {argv})")
 
 
 if __name__ == "__main__":

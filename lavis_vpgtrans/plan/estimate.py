@@ -164,6 +164,15 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
     return out
 
 
+def text_tokens(model_cfg) -> int:
+    """Text tokens per row: max_txt_len (rows are cut there); VL-Vicuna's conversations (stage 3,
+    conv_template) hold the template and question (~max_txt_len) and an answer cut at max_output_txt_len."""
+    text = int(model_cfg.get("max_txt_len", 32))
+    if model_cfg.get("conv_template", None):
+        text += int(model_cfg.get("max_output_txt_len", None) or 32)
+    return text
+
+
 def s_llm_is_fp16(info) -> bool:
     return getattr(info, "llm_precision", "fp16") == "fp16"
 
@@ -225,7 +234,7 @@ def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> St
 
     ck = setting.checkpointing or {}
     q = int(model_cfg.get("num_query_token", 32))
-    text = int(setting.text_len or model_cfg.get("max_txt_len", 32))
+    text = int(setting.text_len or text_tokens(model_cfg))
     output_text = int(model_cfg.get("max_output_txt_len", None) or text)
     act = {}
     act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm"))))

@@ -8,7 +8,7 @@ import sys
 from typing import List, Optional
 
 from lavis_vpgtrans.plan.estimate import (ALLOCATOR_SLACK, CUDA_CONTEXT_GIB, GIB, Setting, card_bytes, flag_config,
-                                          make_plan, stages_of)
+                                          make_plan, stages_of, text_tokens)
 from lavis_vpgtrans.plan.weights import PlanError
 
 CHECKPOINTING_ON = {"llm": True, "qformer": True}
@@ -70,7 +70,7 @@ def format_plan(cfg, gpus: int = 1, gpu_gib: Optional[float] = None, title: str 
              f"({info.source})",
              f"per rank: {gpus} {'GPU(s)' if on_gpu else 'CPU process(es) (run.device: cpu)'}{', run.fsdp ' + str(setting.fsdp) if setting.fsdp else (', DDP' if gpus > 1 else '')}"
              f", batch {setting.batch} per GPU (x {accum} accumulation x {gpus} = {setting.batch * accum * gpus}), "
-             f"{model_cfg.get('num_query_token', 32)} queries + {model_cfg.get('max_txt_len', 32)} text tokens, "
+             f"{model_cfg.get('num_query_token', 32)} queries + {text_tokens(model_cfg)} text tokens, "
              f"activation checkpointing {setting.checkpointing or 'off'}"]
     for sp in plan.stages:
         what = "projector trains" if sp.stage == 1 else "VPG + projector" + (" + LoRA" if info.lora_rank_total else "") \

@@ -179,8 +179,9 @@ def test_imagefolder_reads_metadata_jsonl(plugin, folder):
 
 def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path):
     """train.py: 4 iterations of 8 from img2dataset's shards (iteration-based, 2 DataLoader
-    workers); evaluate.py on its checkpoint: the imagefolder split scored against its references,
-    the logged metrics pycocoevalcap's on the generated captions."""
+    workers) mixed 3:1 by run.train_dataset_ratios with a second own_caption set, an imagefolder;
+    evaluate.py on its checkpoint: the imagefolder split scored against its references, the logged
+    metrics pycocoevalcap's on the generated captions."""
     import yaml
 
     from lavis_vpgtrans.tasks.captioning import score_captions
@@ -191,18 +192,21 @@ def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path
         "datasets": {"own_caption": {
             "data_root": str(shards.root), "shuffle_buffer": 8, **small_images(),
             "build_info": {"annotations": {"train": {"storage": shards.pattern},
-                                           "val": {"storage": str(folder.root)}}}}},
+                                           "val": {"storage": str(folder.root)}}}},
+            "photos": {"builder": "own_caption", "types": {"caption": "list"}, **small_images(),
+                       "build_info": {"annotations": {"train": {"storage": str(folder.root)}}}}},
         "run": {"iters_per_inner_epoch": 4, "max_iters": 4, "batch_size_train": 8, "batch_size_eval": 4,
                 "num_workers": 2, "warmup_steps": 1, "init_lr": 1e-4, "num_beams": 1, "max_len": 6, "min_len": 1,
                 "amp": False, "valid_splits": [], "test_splits": [], "device": "cpu", "distributed": False,
                 "output_dir": str(tmp_path / "out"), "job_id": "train", "caption_metrics": ["Bleu", "CIDEr"],
-                "spice": False},
+                "spice": False, "train_dataset_ratios": {"own_caption": 0.75, "photos": 0.25}},
     }
     path = tmp_path / "shards.yaml"
     with open(path, "w") as f:
         yaml.safe_dump(config, f)
     out = run([sys.executable, os.path.join(REPO, "train.py"), "--cfg-path", str(path)], cwd=tmp_path)
     assert re.search(r"own_caption train: a stream of 3 shard\(s\)", out)
+    assert "photos train: 20 samples" in out  # 4 images x 5 references
     assert re.search(r"Train: data epoch: \[0\]; inner epoch \[0\]\s+\[3/4\]", out), out[-3000:]
     run([sys.executable, os.path.join(REPO, "evaluate.py"), "--cfg-path", str(path),
          "--ckpt", str(tmp_path / "out" / "train" / "checkpoint_0.pth"),

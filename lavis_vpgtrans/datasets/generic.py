@@ -660,7 +660,8 @@ class OwnDataBuilder(LocalFilesBuilder):
                             f"no length and no ground truth); give the evaluation split as records (JSON / JSONL / "
                             f"CSV / HF / imagefolder)")
         run_cfg = self._run_cfg()
-        if run_cfg is not None and not run_cfg.get("iters_per_inner_epoch", None):
+        training = run_cfg is not None and not run_cfg.get("evaluate", False)
+        if training and not run_cfg.get("iters_per_inner_epoch", None):
             raise DataError(f"dataset {name!r} train: webdataset shards are streamed without a length: train "
                             f"iteration-based (set run.iters_per_inner_epoch and run.max_iters)")
         fields = {**SHARD_KEYS[self.kind], **options["keys"]}

@@ -67,6 +67,7 @@ def shards(tmp_path_factory, toy_data):
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         img2dataset = os.path.join(os.path.dirname(sys.executable), "img2dataset")
+        assert os.path.isfile(img2dataset), "img2dataset is not installed (scripts/setup_env.sh installs it)"
         proc = subprocess.run(
             [img2dataset, "--url_list", str(root / "urls.jsonl"), "--input_format", "jsonl", "--url_col", "url",
              "--caption_col", "caption", "--save_additional_columns", "['references','question','answer']",

@@ -124,18 +124,19 @@ def exact_match_accuracy(results: List[dict]) -> Dict[str, float]:
 class VPGTransVQATask(EvalTaskMixin, VQATask):
     """Open-ended VQA through `predict_answers`, scored by the official VQAEval.
 
-    run_cfg: num_beams (5), max_len (10), min_len (1), prompt, inference_method ("generate"),
-    num_ans_candidates, apply_lemmatizer (False), question_subset (None = all),
-    subset_seed (0).
+    run_cfg: num_beams (5), max_len (10), min_len (1), length_penalty (-1, BLIP-2's), prompt,
+    inference_method ("generate"), num_ans_candidates, apply_lemmatizer (False), question_subset
+    (None = all), subset_seed (0).
     """
 
     def __init__(self, num_beams, max_len, min_len, evaluate, num_ans_candidates,
                  inference_method="generate", prompt="", apply_lemmatizer=False,
-                 question_subset=None, subset_seed=0):
+                 question_subset=None, subset_seed=0, length_penalty=-1.0):
         super().__init__(num_beams=num_beams, max_len=max_len, min_len=min_len, evaluate=evaluate,
                          num_ans_candidates=num_ans_candidates, inference_method=inference_method,
                          prompt=prompt)
         self.apply_lemmatizer = apply_lemmatizer
+        self.length_penalty = float(length_penalty)
         self.question_subset = question_subset
         self.subset_seed = subset_seed
         self.subset_ids: Dict[str, List[int]] = {}
@@ -153,7 +154,8 @@ class VPGTransVQATask(EvalTaskMixin, VQATask):
                    prompt=run_cfg.get("prompt", ""),
                    apply_lemmatizer=run_cfg.get("apply_lemmatizer", False),
                    question_subset=int(subset) if subset else None,
-                   subset_seed=int(run_cfg.get("subset_seed", 0)))
+                   subset_seed=int(run_cfg.get("subset_seed", 0)),
+                   length_penalty=float(run_cfg.get("length_penalty", -1.0)))
 
     def build_datasets(self, cfg):
         datasets = super().build_datasets(cfg)
@@ -201,7 +203,7 @@ class VPGTransVQATask(EvalTaskMixin, VQATask):
         answers = model.predict_answers(
             samples=samples, answer_list=self.answer_list, inference_method=self.inference_method,
             num_beams=self.num_beams, max_len=self.max_len, min_len=self.min_len,
-            num_ans_candidates=self.num_ans_candidates, prompt=self.prompt)
+            num_ans_candidates=self.num_ans_candidates, prompt=self.prompt, length_penalty=self.length_penalty)
         if self._lemmatizer is not None:
             answers = lemmatize(answers, self._lemmatizer)
         return answers

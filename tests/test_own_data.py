@@ -359,7 +359,7 @@ def example_layout(name, root, toy):
     names = [f"photos/{i:04d}.jpg" for i in range(4)]
     for src, dst in zip(toy.captions, names):
         shutil.copy(os.path.join(toy.images, src["image"]), root / "images" / dst)
-    if name in ("caption_json.yaml", "mix_with_coco.yaml"):  # mix_with_coco: its own_caption part
+    if name in ("caption_json.yaml", "mix_with_coco.yaml", "transfer_captions.yaml"):  # mix_with_coco: its own_caption part
         write_jsonl(root / "train.jsonl", [{"image": n, "caption": f"caption {i}"} for i, n in enumerate(names)])
         with open(root / "val.json", "w") as f:
             json.dump([{"image": names[0], "caption": ["a mug", "a red cup"]}], f)

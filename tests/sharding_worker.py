@@ -66,13 +66,33 @@ def measure(family, checkpointing):
         sharding.apply_activation_checkpointing(model, recompute)
         return sharding.shard_model(model, cfg)
 
-    model = sharded(build(family))
+    def build_deferred(seed_offset=0):
+        # as launch.py builds it for run.fsdp: rank 1's LLM without weights, filled from rank 0
+        with sharding.llm_weights_from_rank0():
+            return build(family, seed_offset)
+
+    empty = build_deferred()
+    built_empty = [None] * dist.get_world_size()
+    dist.all_gather_object(built_empty, sharding.has_meta_weights(empty.llm_model))
+    result["llm_built_without_weights"] = built_empty
+    model = sharded(empty)
     result["llm_bytes_sharded"] = sharding.local_bytes(model.llm_model)
+    # every LLM weight and buffer, gathered, is what from_pretrained loaded (the DDP model's)
+    pretrained = dict(ddp_model.llm_model.named_parameters()) | dict(ddp_model.llm_model.named_buffers())
+    gathered = {n: sharding._full(t.detach()) for n, t in
+                list(model.llm_model.named_parameters()) + list(model.llm_model.named_buffers())}
+    result["llm_names_equal"] = sorted(gathered) == sorted(pretrained)
+    result["llm_weights_differ"] = [n for n in pretrained if not torch.equal(gathered[n], pretrained[n])]
+    result["llm_dtypes_differ"] = [n for n in pretrained if gathered[n].dtype != pretrained[n].dtype]
+    ties = [m.llm_model.get_input_embeddings().weight is m.llm_model.get_output_embeddings().weight
+            for m in (ddp_model, model)]
+    result["ties_kept"] = ties[0] == ties[1]
+    del gathered
     # interrupted after 2 steps: checkpoint (full tensors), a new sharded model resumes from it
     optimizer = train(model, model, data[:2])
     state = sharding.full_trainable_state(model)
     optim_state = sharding.full_optimizer_state(model, optimizer)
-    resumed = sharded(build(family, seed_offset=13))
+    resumed = sharded(build_deferred(seed_offset=13))
     load_trained_state(resumed, state, "the interrupted run's weights")  # sharded: each rank its shards
     resumed_optimizer = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-3)
     sharding.load_full_optimizer_state(resumed, resumed_optimizer, optim_state)

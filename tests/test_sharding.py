@@ -101,6 +101,11 @@ def worker_results(tmp_path_factory, toy_zoo):
 @pytest.mark.parametrize("spec", SPECS)
 def test_sharded_llm_trains_as_ddp_resumes_and_loads_unsharded(worker_results, spec):
     result = worker_results[spec]
+    # rank 1 built the LLM without weights (run.fsdp's host memory), rank 0 loaded it; after
+    # sharding, every gathered weight and buffer is the one from_pretrained loads, ties kept
+    assert result["llm_built_without_weights"] == [False, True]
+    assert result["llm_names_equal"] and result["ties_kept"]
+    assert result["llm_weights_differ"] == [] and result["llm_dtypes_differ"] == []
     # each rank holds half of the LLM (OPT ties its head to the embeddings: counted once)
     assert result["llm_bytes_sharded"] / result["llm_bytes_replicated"] == pytest.approx(0.5, abs=0.01)
     # 2 steps, a checkpoint of full tensors, a new sharded model resumed from it, 2 more steps:

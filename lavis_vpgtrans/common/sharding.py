@@ -16,13 +16,21 @@ precision settings (`vit_precision`, `llm_precision`); gradients reduce in fp32.
         llm: false             # recompute each LLM block in backward (long chat contexts)
         qformer: false         # ... and each Q-Former layer (large batches)
 
+Host memory: with `run.fsdp` (shard_llm) every rank but rank 0 builds the LLM without its weights
+(`llm_weights_from_rank0`, entered by runners/launch.py around the model's build: FrozenLLM.init_llm
+then puts the parameters on the meta device, buffers computed, ties kept), and `shard_model` fills
+each LLM block from rank 0 just before sharding it, then the LLM's other parts (embeddings, head,
+final norm) before the root unit: those ranks hold one full block at a time, never the whole LLM
+(benchmarks/fsdp_host_memory.py measures the peak RSS per rank).
+
 Checkpoints stay trainable-parameters-only files of full tensors (`full_trainable_state`, a
 collective: every rank calls it), which load into an unsharded model; common/checkpoint.py's
 load_trained_state loads them into a sharded one by the same rules (`copy_full_into`).
 """
 
+import contextlib
 from dataclasses import dataclass, fields
-from typing import Dict, Optional
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -99,6 +107,19 @@ def qformer_layers(model: nn.Module):
 PRETRAINED_PARTS = ("llm_model.", "visual_encoder.")
 
 
+def _broadcast_from_rank0(tensor: torch.Tensor) -> None:
+    """Rank 0's values into `tensor` in place, through the backend's device (NCCL: the GPU)."""
+    from lavis_vpgtrans.common.dist import collective_device
+
+    device = collective_device()
+    if tensor.device == device:
+        dist.broadcast(tensor, src=0)
+    else:
+        moved = tensor.to(device)
+        dist.broadcast(moved, src=0)
+        tensor.copy_(moved)
+
+
 def sync_from_rank0(model: nn.Module) -> None:
     """Every rank takes rank 0's parameters and buffers outside the pretrained LLM and ViT, as DDP
     does when it wraps a model: LAVIS seeds each rank differently, so randomly initialised parts
@@ -106,7 +127,108 @@ def sync_from_rank0(model: nn.Module) -> None:
     named = list(model.named_parameters()) + list(model.named_buffers())
     for name, tensor in named:
         if not name.startswith(PRETRAINED_PARTS):
-            dist.broadcast(tensor.data, src=0)
+            _broadcast_from_rank0(tensor.data)
+
+
+# ------------------------------------------------------------------ the LLM's weights from rank 0
+
+_defer_llm_weights = False
+
+
+@contextlib.contextmanager
+def llm_weights_from_rank0(active: bool = True):
+    """While active, FrozenLLM.init_llm (models/llm.py) on every rank but rank 0 builds the LLM
+    without its weights (`llm_weights_deferred`), and `shard_model` must then fill them from rank 0.
+    runners/launch.py enters it around the model's build when the run shards the LLM (run.fsdp,
+    shard_llm, several processes); outside it every rank loads the LLM's files as before."""
+    global _defer_llm_weights
+    previous, _defer_llm_weights = _defer_llm_weights, bool(active)
+    try:
+        yield
+    finally:
+        _defer_llm_weights = previous
+
+
+def llm_weights_deferred() -> bool:
+    """Whether init_llm is to build the LLM on the meta device here: inside an active
+    `llm_weights_from_rank0`, on a rank other than 0."""
+    return _defer_llm_weights and dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def has_meta_weights(module: nn.Module) -> bool:
+    return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _match_rank0_llm(llm: nn.Module) -> None:
+    """Every rank's LLM takes rank 0's names, shapes and dtypes (one object broadcast). A meta
+    parameter takes rank 0's dtype (from_pretrained keeps some modules in fp32, e.g. T5's `wo` in
+    fp16: building from the config does not); another name or shape is an error, as rank 0's bytes
+    would land in the wrong tensors."""
+    from lavis_vpgtrans.common.dist import collective_device
+
+    named = list(llm.named_parameters()) + list(llm.named_buffers())
+    mine = [(n, tuple(t.shape), t.dtype) for n, t in named]
+    holder = [mine]
+    dist.broadcast_object_list(holder, src=0)
+    theirs = holder[0]
+    same = [x[:2] for x in theirs] == [x[:2] for x in mine]
+    agreed = torch.tensor([int(same)], device=collective_device())
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN)  # every rank raises, none waits in a broadcast
+    if not same:
+        diff = next(((a[:2], b[:2]) for a, b in zip(theirs, mine) if a[:2] != b[:2]), (len(theirs), len(mine)))
+        raise ValueError(f"rank {dist.get_rank()} built another LLM than rank 0 (rank 0's, this rank's): {diff}")
+    if not agreed.item():
+        raise ValueError(f"rank {dist.get_rank()}: another rank built another LLM than rank 0 (its error names it)")
+    retyped = {}
+    for (name, tensor), (_, _, dtype) in zip(named, theirs):
+        if tensor.dtype != dtype:
+            if not tensor.is_meta:
+                raise ValueError(f"rank {dist.get_rank()}: the LLM's {name} is {tensor.dtype}, rank 0's {dtype}")
+            retyped[id(tensor)] = (tensor, nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad))
+    for module in llm.modules():  # every module holding it: tied weights stay tied
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) in retyped:
+                module._parameters[name] = retyped[id(param)][1]
+
+
+def fill_from_rank0(modules: Iterable[nn.Module], device) -> None:
+    """The parameters and buffers that `modules` hold themselves (not their submodules') from
+    rank 0: a meta parameter (init_llm's, on the other ranks) is first allocated on `device`, one
+    new parameter per shared one (tied weights stay tied). A collective: every rank passes the
+    same modules in the same order."""
+    modules = list(modules)
+    allocated, done = {}, set()
+    for module in modules:
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in allocated:
+                    allocated[id(param)] = (param, nn.Parameter(torch.empty_like(param, device=device),
+                                                                requires_grad=param.requires_grad))
+                module._parameters[name] = allocated[id(param)][1]
+    for module in modules:
+        # buffers included: rank 0's are the loaded ones (persistent buffers come from the files).
+        # They are filled in place, so tensors that alias them (LLaMA's original_inv_freq) follow.
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None and id(tensor) not in done:
+                done.add(id(tensor))
+                if tensor.is_meta:
+                    raise ValueError(f"{type(module).__name__}: a meta buffer of shape {tuple(tensor.shape)}; "
+                                     f"init_llm builds buffers on the host")
+                with torch.no_grad():
+                    _broadcast_from_rank0(tensor.data)
+
+
+def _deferred_llm(model: nn.Module) -> bool:
+    """Whether some rank built the LLM without its weights (all ranks agree); rank 0 never does."""
+    from lavis_vpgtrans.common.dist import collective_device
+
+    llm = getattr(model, "llm_model", None)
+    mine = llm is not None and has_meta_weights(llm)
+    if mine and dist.get_rank() == 0:
+        raise ValueError("rank 0 built the LLM without its weights: it is the rank the others take them from")
+    flag = torch.tensor([int(mine)], device=collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def apply_activation_checkpointing(model: nn.Module, cfg: CheckpointingConfig) -> None:
@@ -154,8 +276,20 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
     refuse_unshardable(model)
     sync_from_rank0(model)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
-    units = (llm_blocks(model.llm_model) if cfg.shard_llm else []) + (vit_blocks(model) if cfg.shard_vit else [])
-    for unit in units:
+    llm_units = llm_blocks(model.llm_model) if cfg.shard_llm else []
+    deferred = _deferred_llm(model)  # some rank built the LLM without weights (llm_weights_from_rank0)
+    if deferred:
+        _match_rank0_llm(model.llm_model)
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    filled = set()
+    for unit in llm_units:
+        if deferred:  # one full block at a time on the ranks that built it empty, sharded at once
+            fill_from_rank0(unit.modules(), device)
+            filled.update(id(m) for m in unit.modules())
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    if deferred:  # the rest of the LLM (embeddings, head, final norm, rotary buffers): the root unit's
+        fill_from_rank0([m for m in model.llm_model.modules() if id(m) not in filled], device)
+    for unit in vit_blocks(model) if cfg.shard_vit else []:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     for name in FORWARD_METHODS:

@@ -19,10 +19,11 @@ import logging
 from typing import List, Optional, Sequence
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, StoppingCriteriaList, StopStringCriteria,
-                          T5ForConditionalGeneration)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, StoppingCriteriaList,
+                          StopStringCriteria, T5ForConditionalGeneration)
 
 from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.common.sharding import llm_weights_deferred
 from lavis_vpgtrans.models.kbit import QuantizationSpec, load_quantized
 from lavis_vpgtrans.models.lora import LoraSpec, add_lora, merged
 
@@ -84,6 +85,27 @@ def check_llm_args(owner: str, llm_model, llm_precision) -> None:
         raise ValueError(f"llm_precision must be one of {sorted(DTYPES)}, got {llm_precision!r}")
 
 
+def llm_without_weights(llm_cls, path: str, dtype: torch.dtype, overrides: dict):
+    """The model `llm_cls.from_pretrained(path, torch_dtype=dtype, **overrides)` builds, with its
+    parameters on the meta device (no memory; tied weights tied) and its buffers computed on the
+    host (e.g. rotary inv_freq), in eval mode, with the directory's generation config: what
+    common/sharding.py's shard_model fills from rank 0 under run.fsdp."""
+    from accelerate import init_empty_weights
+
+    config = AutoConfig.from_pretrained(path, **overrides)
+    with init_empty_weights(include_buffers=False):
+        if llm_cls is AutoModelForCausalLM:
+            model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        else:
+            model = llm_cls._from_config(config, torch_dtype=dtype)
+    model.tie_weights()  # again outside: init_empty_weights makes a new parameter of each tied one
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    except OSError:  # no generation_config.json: from_pretrained keeps the one from the model config too
+        pass
+    return model.eval()
+
+
 class FrozenLLM:
     """Mixin (first in the bases) for a model with a frozen `llm_model` fed soft prompts."""
 
@@ -118,7 +140,11 @@ class FrozenLLM:
         # k-bit (models/kbit.py) and LoRA (models/lora.py): checked before anything loads
         self.llm_quantization = QuantizationSpec.parse(quantization)
         self.llm_lora = LoraSpec.parse(lora)
-        if self.llm_quantization is None:
+        if self.llm_quantization is None and self.llm_lora is None and llm_weights_deferred():
+            # run.fsdp on a rank but 0: the module tree without weights; shard_model fills its
+            # shards from rank 0 (common/sharding.py), so the whole LLM never sits in this host's RAM
+            self.llm_model = llm_without_weights(llm_cls, path, self.llm_dtype, dict(llm_config))
+        elif self.llm_quantization is None:
             self.llm_model = llm_cls.from_pretrained(path, torch_dtype=self.llm_dtype, **dict(llm_config))
         else:
             self.llm_model = load_quantized(llm_cls, path, self.llm_dtype, self.llm_quantization, dict(llm_config))

@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 import lavis.tasks as tasks
-from lavis.common.dist_utils import get_rank
+from lavis.common.dist_utils import get_rank, get_world_size
 from lavis.common.logger import setup_logger
 
+from lavis_vpgtrans.common import sharding
 from lavis_vpgtrans.common.config import BUILDER_KEY, PluginConfig, check_config, load_config, runner_class
 from lavis_vpgtrans.common.dist import from_rank0, init_distributed_mode
 from lavis_vpgtrans.datasets.builders import register_builder_plugins
@@ -43,6 +44,12 @@ def setup_seeds(cfg):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def shards_llm(run_cfg) -> bool:
+    """run.fsdp with shard_llm in a run of several processes (model_setup.prepare_model shards it)."""
+    fsdp = sharding.ShardingConfig.parse(run_cfg.get("fsdp", None))
+    return fsdp is not None and fsdp.shard_llm and get_world_size() > 1
 
 
 def make_job_id(cfg) -> str:
@@ -89,7 +96,10 @@ def build(argv, description, evaluate):
     claim_output_dir(cfg, job_id, training=not evaluate)
     task = tasks.setup_task(cfg)
     datasets = task.build_datasets(cfg)
-    model = task.build_model(cfg)
+    # run.fsdp sharding the LLM over several processes: ranks but 0 build it without its weights,
+    # which the runner's sharding fills from rank 0 (common/sharding.py)
+    with sharding.llm_weights_from_rank0(shards_llm(cfg.run_cfg)):
+        model = task.build_model(cfg)
     runner_cls = runner_class(cfg.run_cfg)
     runner = runner_cls(cfg=cfg, job_id=job_id, task=task, model=model, datasets=datasets)
     logging.info("output dir: %s", runner.output_dir)

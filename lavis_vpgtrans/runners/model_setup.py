@@ -3,7 +3,8 @@ built and again when a stage switch changes what trains (runner_vpgtrans.py):
 
     activation checkpointing   run.activation_checkpointing (common/sharding.py), applied once
     -> sharding                run.fsdp: FSDP2 over the run's processes, once (a stage switch
-                               changes which parameters train, not the sharding)
+                               changes which parameters train, not the sharding); the ranks but 0
+                               built the LLM without weights (launch.py) and get them from rank 0
     -> device                  run.device
     -> DDP                     when distributed and not sharded: a new wrapper each time, as DDP
                                reduces the gradients of the parameters that train when it wraps
@@ -56,6 +57,10 @@ class ModelSetup:
             mesh = init_device_mesh(self.device.type, (get_world_size(),))
             sharding.shard_model(model, self.sharding_config, mesh=mesh)
             logging.info("run.fsdp: %s", self.sharding_config)
+        llm = getattr(model, "llm_model", None)
+        if not sharding.is_sharded(model) and llm is not None and sharding.has_meta_weights(llm):
+            raise ValueError("the LLM was built without its weights (sharding.llm_weights_from_rank0, for run.fsdp "
+                             "with shard_llm) but the model is not sharded: build it outside that context")
         if model.device != self.device:
             model = self._model = model.to(self.device)
         if sharding.is_sharded(model):

@@ -1,10 +1,11 @@
 """Your own data in the two remaining formats of issue 24, on files written by the real tools:
 webdataset shards written by img2dataset (PyPI), downloading the toy world's images from an HTTP
-server this module starts on 127.0.0.1, streamed as a training set (datasets/shard_stream.py);
-and HF's imagefolder layout (images + metadata.jsonl written by datasets' to_json, read by
-datasets' imagefolder loader). Trained iteration-based through train.py on the shards and
-evaluated through evaluate.py on the imagefolder with known answers; each bad input names the
-shard and sample key (or the folder and row)."""
+server this module starts on 127.0.0.1, streamed as a training set and read as an evaluation split
+(datasets/shard_stream.py); and HF's imagefolder layout (images + metadata.jsonl written by
+datasets' to_json, read by datasets' imagefolder loader). Trained iteration-based through train.py
+on the shards (validated twice on shards in one run), evaluated through evaluate.py on shards and
+the imagefolder with known answers (captions and VQA); each bad input names the shard and sample
+key (or the folder and row)."""
 
 import functools
 import http.server
@@ -20,7 +21,8 @@ import threading
 from types import SimpleNamespace
 
 import pytest
-from test_own_data import OWN_CONFIGS, REPO, build, result_file, run, small_images, splits
+from test_own_data import (OWN_CONFIGS, REPO, build, builder, result_file, run, small_images, splits,
+                           train_and_evaluate, write_config)
 
 N_IMAGES = 32  # downloaded; one more url is missing on the server (img2dataset counts it as failed)
 PER_SHARD = 12  # -> 3 shards of 12, 12 and 8 images (the 404 is in the last one's count)
@@ -116,6 +118,18 @@ def run_cfg(monkeypatch):
     return set_run
 
 
+def shard_samples(root):
+    """{int(key): {extension: text}} of the text members of img2dataset's shards, read with tarfile."""
+    samples = {}
+    for i in range(3):
+        with tarfile.open(root / "shards" / f"{i:05d}.tar") as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if ext in ("txt", "json"):
+                    samples.setdefault(int(key), {})[ext] = tar.extractfile(member).read().decode()
+    return samples
+
+
 def stream(plugin, root, pattern, name="own_caption", **config):
     return build(name, plugin, data_root=str(root), shuffle_buffer=4,
                  **small_images(build_info={"annotations": splits(train=pattern)}), **config)["train"]
@@ -166,6 +180,64 @@ def test_vqa_from_shard_json(plugin, shards, run_cfg):
     train = stream(plugin, shards.root, shards.pattern, name="own_vqa", prompt="Question: {} Answer:")
     sample = next(s for s in one_pass(train) if s["text_input"] == "Question: what is in picture 0? Answer:")
     assert sample["text_output"] == shards.captions[0].split()[1]
+
+
+def eval_ids(dataset, monkeypatch, rank, world, worker, workers):
+    for var, value in (("RANK", rank), ("WORLD_SIZE", world), ("WORKER", worker), ("NUM_WORKERS", workers)):
+        monkeypatch.setenv(var, str(value))  # what webdataset's pytorch_worker_info reads
+    return len(dataset), [int(s["image_id"]) for s in dataset]
+
+
+def test_shards_as_an_evaluation_split(plugin, shards, run_cfg, monkeypatch):
+    """A val split of img2dataset's shards: one metadata-only pass counts the 32 samples and
+    writes the ground truth, each sample's caption under img2dataset's key as its image id; a
+    DataLoader over it gives every sample once per pass, pass after pass; ranks and DataLoader
+    workers share the samples, each exactly once (by shard, or by sample where there are fewer
+    shards than readers), each rank's length its share. own_vqa: the official VQA files from the
+    json's question / answer, scored for a constant answer as computed here."""
+    from torch.utils.data import DataLoader
+
+    from lavis_vpgtrans.tasks.captioning import load_coco_gt
+    from lavis_vpgtrans.tasks.vqa import vqa_accuracy
+
+    expected = shard_samples(shards.root)
+    assert len(expected) == N_IMAGES
+    made = builder("own_caption", plugin, data_root=str(shards.root),
+                   **small_images(build_info={"annotations": splits(val=shards.pattern)}))
+    val = made.build_datasets()["val"]
+    assert len(val) == N_IMAGES and val.keyed
+    refs, _ = load_coco_gt(made.config.build_info.annotations.val.coco_gt)
+    assert refs == {key: [sample["txt"]] for key, sample in expected.items()}
+    loader = DataLoader(val, batch_size=5)
+    passes = [[int(i) for b in loader for i in b["image_id"]] for _ in range(2)]
+    assert sorted(passes[0]) == sorted(expected) and passes[1] == passes[0]  # the same ordered pass each time
+    assert next(iter(loader))["image"].shape == (5, 3, 32, 32)
+
+    for world, workers in ((2, 2), (4, 2)):  # 3 shards: rank 1 of 2 splits one shard by sample; 4 ranks: by sample
+        seen = []
+        for rank in range(world):
+            lengths, ids = zip(*(eval_ids(val, monkeypatch, rank, world, w, workers) for w in range(workers)))
+            assert sum(len(i) for i in ids) == lengths[0]
+            seen += [i for part in ids for i in part]
+        assert sorted(seen) == sorted(expected), (world, workers)
+
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.delenv("WORKER")
+    monkeypatch.delenv("NUM_WORKERS")
+    vqa = build("own_vqa", plugin, data_root=str(shards.root),
+                **small_images(build_info={"annotations": splits(test=shards.pattern)}))["test"]
+    answers = {key: json.loads(sample["json"])["answer"] for key, sample in expected.items()}
+    sample = next(iter(vqa))
+    assert sample["text_input"] == json.loads(expected[sample["question_id"]]["json"])["question"]
+    constant = max(set(answers.values()), key=list(answers.values()).count)
+    result = shards.root / "constant.json"
+    with open(result, "w") as f:
+        json.dump([{"question_id": key, "answer": constant} for key in answers], f)
+    right = sum(a == constant for a in answers.values())
+    assert 1 < right < N_IMAGES
+    metrics = vqa_accuracy(vqa.coco_fmt_anno_file, vqa.coco_fmt_qust_file, str(result))
+    assert metrics["acc"] == pytest.approx(100 * right / N_IMAGES, abs=0.005)
 
 
 def test_imagefolder_reads_metadata_jsonl(plugin, folder):
@@ -266,6 +338,26 @@ def test_unreadable_or_missing_image_names_shard_and_key(plugin, shards, run_cfg
     assert f"{bad}: sample {key!r}: no image (a 'jpg;png;jpeg;webp' member); the sample has ['json', 'txt']" in message
 
 
+def test_shard_evaluation_split_bad_input(plugin, shards, run_cfg, tmp_path):
+    """An evaluation split never skips: a sample without an image stops the build, an unreadable
+    image the pass, even with run.skip_bad_samples; both name the shard and the key."""
+    src = shards.root / "shards" / "00001.tar"
+    key = first_key(src)
+    bad = tmp_path / "bad.tar"
+    run_cfg(skip_bad_samples=True)
+
+    def val():
+        return build("own_caption", plugin, data_root=str(tmp_path),
+                     **small_images(build_info={"annotations": splits(val="bad.tar")}))["val"]
+
+    rewrite_shard(src, bad, lambda name, data: None if name == f"{key}.jpg" else data)
+    message = error_of(val)
+    assert f"{bad}: sample {key!r}: no image (a 'jpg;png;jpeg;webp' member); the sample has ['json', 'txt']" in message
+    rewrite_shard(src, bad, lambda name, data: data[:200] if name == f"{key}.jpg" else data)
+    message = error_of(lambda: list(val()))
+    assert f"{bad}: sample {key!r}: image cannot be read" in message and "never skips" in message
+
+
 def test_missing_caption_key_lists_what_the_sample_has(plugin, shards, run_cfg):
     message = error_of(lambda: one_pass(stream(plugin, shards.root, shards.pattern, keys={"caption": "json.title"})))
     assert re.search(r"shards/0000\d\.tar: sample '\d+': its json has no key 'title'", message)
@@ -298,10 +390,6 @@ def test_shards_need_an_iteration_based_run(plugin, shards, run_cfg):
     run_cfg(iters_per_inner_epoch=None)
     message = error_of(lambda: stream(plugin, shards.root, shards.pattern))
     assert "set run.iters_per_inner_epoch and run.max_iters" in message
-    run_cfg()
-    message = error_of(lambda: build("own_caption", plugin, data_root=str(shards.root),
-                                     build_info={"annotations": splits(val=shards.pattern)}))
-    assert "webdataset shards are a training format here" in message
 
 
 def test_imagefolder_bad_input(plugin, folder, tmp_path):

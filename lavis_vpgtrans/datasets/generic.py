@@ -453,12 +453,17 @@ def write_ground_truth(content: dict, cache_root: str, name: str, split: str, wh
     return path
 
 
-def caption_ground_truth(annotation: List[dict], sources: Sources) -> dict:
+def _record(ann, sources: Optional[Sources]) -> str:
+    """Where an evaluation sample comes from (sources None: shards, the sample's own `_where`)."""
+    return ann["_where"] if sources is None else sources.where(ann["_src"], ann["_at"])
+
+
+def caption_ground_truth(annotation: List[dict], sources: Optional[Sources]) -> dict:
     """COCO caption format: an image per evaluation sample, its reference captions."""
     images, anns = [], []
     for ann in annotation:
-        images.append({"id": ann["image_id"], "file_name": sources.image_name(ann),
-                       "record": sources.where(ann["_src"], ann["_at"])})
+        name = ann["_where"] if sources is None else sources.image_name(ann)
+        images.append({"id": ann["image_id"], "file_name": name, "record": _record(ann, sources)})
         for caption in ann["captions"]:
             anns.append({"image_id": ann["image_id"], "id": len(anns) + 1, "caption": caption})
     return {"info": {"description": "built from the records by lavis_vpgtrans.datasets.generic"},
@@ -476,7 +481,7 @@ def normalize_answer(answer: str, _tool=[]) -> str:
     return tool.processDigitArticle(tool.processPunctuation(answer))
 
 
-def vqa_ground_truth(annotation: List[dict], sources: Sources, name: str, split: str) -> Tuple[dict, dict]:
+def vqa_ground_truth(annotation: List[dict], sources: Optional[Sources], name: str, split: str) -> Tuple[dict, dict]:
     """The official VQA question and annotation files. Answers are normalised as VQAEval
     normalises predictions. One answer is written as ten identical answers (the VQAv2 layout:
     accuracy is then exact match); a list as given (VQAEval's min(#matches among the others / 3,
@@ -486,7 +491,7 @@ def vqa_ground_truth(annotation: List[dict], sources: Sources, name: str, split:
     questions, anns = [], []
     for ann in annotation:
         questions.append({"question_id": ann["question_id"], "image_id": ann["image_id"], "question": ann["question"],
-                          "record": sources.where(ann["_src"], ann["_at"])})
+                          "record": _record(ann, sources)})
         answers = ann["answers"] if len(ann["answers"]) > 1 else ann["answers"] * VQA_ANSWERS
         normalized = [normalize_answer(a) for a in answers]
         anns.append({"question_id": ann["question_id"], "image_id": ann["image_id"], "question_type": "none",
@@ -656,9 +661,7 @@ class OwnDataBuilder(LocalFilesBuilder):
 
         name = self._name()
         if split != "train":
-            raise DataError(f"dataset {name!r} {split}: webdataset shards are a training format here (a stream has "
-                            f"no length and no ground truth); give the evaluation split as records (JSON / JSONL / "
-                            f"CSV / HF / imagefolder)")
+            return self._build_eval_stream(split, paths, options)
         run_cfg = self._run_cfg()
         training = run_cfg is not None and not run_cfg.get("evaluate", False)
         if training and not run_cfg.get("iters_per_inner_epoch", None):
@@ -678,6 +681,57 @@ class OwnDataBuilder(LocalFilesBuilder):
         logging.info("%s train: a stream of %d shard(s), %s ... %s (shuffle buffer %d)", name, len(stream.shards),
                      stream.shards[0], stream.shards[-1], stream.shuffle_buffer)
         return stream
+
+    def _build_eval_stream(self, split, paths, options):
+        """An evaluation split from webdataset shards: one metadata-only pass counts and numbers
+        the samples (shard_stream.ShardEvalSet) and yields the ground truth, written as for records;
+        the images are read when the split is evaluated, one ordered pass each time."""
+        from lavis_vpgtrans.datasets.shard_stream import SHARD_KEYS, ShardEvalSet, expand_shards
+
+        name = self._name()
+        run_cfg = self._run_cfg()
+        if self.kind == VQA and run_cfg is not None and run_cfg.get("question_subset", None):
+            raise DataError(f"dataset {name!r} {split}: run.question_subset needs an evaluation split of records; "
+                            f"webdataset shards are evaluated whole")
+        fields = {**SHARD_KEYS[self.kind], **options["keys"]}
+        types = options["types"]
+        if self.kind == CAPTION:
+            make, id_field = functools.partial(_caption_eval_sample, self.vis_processors["eval"]), "image_id"
+        else:
+            make = functools.partial(_vqa_eval_sample, self.vis_processors["eval"], self.text_processors["eval"])
+            id_field = "question_id"
+        stream = ShardEvalSet(expand_shards(paths), fields, types, make, functools.partial(_shard_text, types),
+                              id_field=id_field, name=name)
+        found = stream.scan()
+        cache_root = registry.get_path("cache_root")
+        if self.kind == CAPTION:
+            annotation = [{"image_id": i, "_where": where,
+                           "captions": f["caption"] if isinstance(f["caption"], list) else [f["caption"]]}
+                          for i, where, f in found]
+            path = write_ground_truth(caption_ground_truth(annotation, None), cache_root, name, split, "coco_gt")
+            self.config.build_info.annotations[split]["coco_gt"] = path  # read by the caption task
+            written = f"COCO-format ground truth written to {path}"
+        else:
+            annotation = [{"question_id": i, "image_id": i, "question": f["question"], "_where": where,
+                           "answers": f["answer"] if isinstance(f["answer"], list) else [f["answer"]]}
+                          for i, where, f in found]
+            self._warn_few_answers(annotation, split)
+            questions, annotations = vqa_ground_truth(annotation, None, name, split)
+            stream.coco_fmt_qust_file = write_ground_truth(questions, cache_root, name, split, "questions")
+            stream.coco_fmt_anno_file = write_ground_truth(annotations, cache_root, name, split, "annotations")
+            written = (f"official VQA question / annotation files written to {stream.coco_fmt_qust_file}, "
+                       f"{stream.coco_fmt_anno_file}")
+        logging.info("%s %s: %d samples in %d shard(s), %s ... %s, ids %s; %s", name, split, len(found),
+                     len(stream.shards), stream.shards[0], stream.shards[-1],
+                     "their keys" if stream.keyed else "numbered from 1 in shard order", written)
+        return stream
+
+    def _warn_few_answers(self, annotation, split):
+        few = sum(1 for a in annotation if 1 < len(a["answers"]) < 4)
+        if few:
+            logging.warning("%s %s: %d question(s) have 2 or 3 answers; VQA accuracy counts an answer fully right "
+                            "when 3 of the other answers agree, so these can score at most %.2f", self._name(), split,
+                            few, 2 / 3)
 
     def build(self):
         self.build_processors()
@@ -787,11 +841,7 @@ class OwnVQABuilder(OwnDataBuilder):
         if train:
             return VQATrainSet(self.vis_processors[processors], self.text_processors[processors], sources,
                                annotation, prompt=self._prompt())
-        few = sum(1 for a in annotation if 1 < len(a["answers"]) < 4)
-        if few:
-            logging.warning("%s %s: %d question(s) have 2 or 3 answers; VQA accuracy counts an answer fully right "
-                            "when 3 of the other answers agree, so these can score at most %.2f", self._name(), split,
-                            few, 2 / 3)
+        self._warn_few_answers(annotation, split)
         questions, annotations = vqa_ground_truth(annotation, sources, self._name(), split)
         cache_root = registry.get_path("cache_root")
         dataset = VQAEvalSet(self.vis_processors[processors], self.text_processors[processors], sources, annotation)
@@ -819,6 +869,14 @@ def _vqa_sample(vis_processor, text_processor, prompt, fields, image):
     prefix = prompt.format(question) if "{}" in prompt else prompt + question
     return {"image": vis_processor(image), "text_input": prefix,
             "text_output": answers[normalized.index(most_frequent(normalized))]}
+
+
+def _caption_eval_sample(vis_processor, fields, image):
+    return {"image": vis_processor(image)}  # + image_id (ShardEvalSet)
+
+
+def _vqa_eval_sample(vis_processor, text_processor, fields, image):
+    return {"image": vis_processor(image), "text_input": text_processor(fields["question"])}  # + question_id
 
 
 def _image_key(record):

@@ -30,12 +30,12 @@ import multiprocessing
 import os
 import random
 from glob import glob
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import webdataset as wds
 from PIL import Image
 from webdataset.filters import _shuffle
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import base_plus_ext, tar_file_expander, tarfile_samples, url_opener
 from webdataset.utils import pytorch_worker_info
 
 from lavis_vpgtrans.datasets.checked import IMAGE_ERRORS, DataError
@@ -155,6 +155,17 @@ class ShardStream(wds.DataPipeline):
         key = raw.get("__key__", "?")
         where = f"{shard}: sample {key!r}"
         members = sorted(k for k in raw if not k.startswith("__"))
+        fields = self._fields(raw, where, members)
+        image = self._image(raw, where, members)
+        if image is None:
+            return None
+        try:
+            return self.make_sample(fields, image)
+        except IMAGE_ERRORS as e:
+            return self._bad_image(where, e)
+
+    def _fields(self, raw, where, members):
+        """The sample's checked text fields (every configured one but the image)."""
         meta = None
         fields = {}
         for name, spec in self.fields.items():
@@ -177,13 +188,7 @@ class ShardStream(wds.DataPipeline):
                 if ext == "json":
                     value = json.loads(value)
             fields[name] = self.check_text(value, name, spec, where)
-        image = self._image(raw, where, members)
-        if image is None:
-            return None
-        try:
-            return self.make_sample(fields, image)
-        except IMAGE_ERRORS as e:
-            return self._bad_image(where, e)
+        return fields
 
     def _json(self, raw, where, members, name):
         if "json" not in raw:
@@ -224,3 +229,152 @@ class ShardStream(wds.DataPipeline):
 
     def __repr__(self):
         return f"ShardStream({self.name}: {len(self.shards)} shard(s), e.g. {self.shards[0]})"
+
+
+class ShardEvalSet(ShardStream):
+    """An evaluation split from webdataset shards: one ordered pass each time it is iterated (a
+    DataLoader over it is re-iterable: one pass per validation), every sample exactly once across
+    ranks and DataLoader workers, with a length and a stable id per sample.
+
+    `scan()` (at build time) reads the shards once for their text members only -- image members
+    are passed over in the tar stream, never held -- to count the samples, check their fields
+    (a missing image member included) and number them: img2dataset's key as a number where every
+    key is a distinct decimal number, else 1, 2, ... in shard order. It returns each sample's id
+    and text fields, from which the builder writes the ground truth; this object keeps only the
+    ids per shard. Readers split the shards where there are at least as many shards as readers,
+    else every reader reads all of them and takes every n-th sample. An image that cannot be read
+    is an error: evaluation never skips (the scores would be over fewer samples)."""
+
+    split_across_ranks = True  # loaders.py: False where every rank evaluates the whole split
+
+    def __init__(self, shards: List[str], fields: Dict[str, str], types: Dict[str, str], make_sample: Callable,
+                 check_text: Callable, id_field: str, name: str = "own_caption"):
+        super().__init__(shards, fields, types, make_sample, check_text, shuffle_buffer=1, name=name)
+        self.id_field = id_field
+        self.ids: List[Dict[str, int]] = []  # per shard: sample key -> id
+        self.counts: List[int] = []  # per shard: samples
+        self.keyed = False  # the ids are img2dataset's keys
+
+    # ---- the metadata pass
+
+    def _text_samples(self, shard):
+        """The shard's samples as webdataset groups them, with their text members only (an image
+        member is there as None, unread)."""
+        images = set(IMAGE_EXTENSIONS.split(";")) | set(self.fields["image"].split(";"))
+        pending = []
+
+        def select(fname):  # called for each member, in order, before its data would be read
+            prefix, ext = base_plus_ext(fname)
+            if prefix is None:
+                return False
+            if not pending or pending[-1]["__key__"] != prefix:
+                pending.append({"__key__": prefix})
+            if ext.lower() in images:
+                pending[-1][ext.lower()] = None
+                return False
+            return True
+
+        files = tar_file_expander(url_opener([{"url": shard}]), select_files=select, eof_value=None)
+        while True:
+            try:
+                member = next(files)
+            except StopIteration:
+                break
+            except Exception as e:  # as _raw_samples
+                raise DataError(f"{shard}: cannot be read as a webdataset shard ({type(e).__name__}: "
+                                f"{e.args[0] if e.args else e})") from e
+            pending[-1][base_plus_ext(member["fname"])[1].lower()] = member["data"]
+            while len(pending) > 1:
+                yield pending.pop(0)
+        yield from pending
+
+    def scan(self) -> List[Tuple[int, str, dict]]:
+        """(id, where, text fields) of every sample, in shard order (class doc)."""
+        entries = []
+        for i, shard in enumerate(self.shards):
+            seen = set()
+            for raw in self._text_samples(shard):
+                key = raw["__key__"]
+                where = f"{shard}: sample {key!r}"
+                members = sorted(k for k in raw if not k.startswith("__"))
+                if key in seen:
+                    raise DataError(f"{where}: a second sample with this key in the shard (an evaluation sample "
+                                    f"is identified by its key)")
+                seen.add(key)
+                if not any(e in raw for e in self.fields["image"].split(";")):
+                    raise DataError(f"{where}: no image (a {self.fields['image']!r} member); the sample has {members}")
+                entries.append((i, key, where, self._fields(raw, where, members)))
+        if not entries:
+            raise DataError(f"{self.name}: no samples in {', '.join(self.shards)}")
+        keys = [key for _, key, _, _ in entries]
+        self.keyed = all(k.isascii() and k.isdigit() for k in keys) and len({int(k) for k in keys}) == len(keys)
+        self.ids = [{} for _ in self.shards]
+        found = []
+        for n, (i, key, where, fields) in enumerate(entries, start=1):
+            self.ids[i][key] = int(key) if self.keyed else n
+            found.append((self.ids[i][key], where, fields))
+        self.counts = [len(ids) for ids in self.ids]
+        return found
+
+    # ---- the pass
+
+    def _share(self, rank, world):
+        """This rank's shard indices and the test `take(global index)` of its samples (None: all
+        of them)."""
+        if not self.split_across_ranks:
+            rank, world = 0, 1
+        if len(self.shards) >= world:
+            return list(range(len(self.shards)))[rank::world], None
+        return list(range(len(self.shards))), (lambda g: g % world == rank)
+
+    def __len__(self):
+        """This rank's samples."""
+        rank, world, _, _ = pytorch_worker_info()
+        shards, take = self._share(rank, world)
+        return sum(self.counts[i] for i in shards) if take is None else sum(
+            1 for g in range(sum(self.counts)) if take(g))
+
+    def iterator(self):
+        rank, world, worker, workers = pytorch_worker_info()
+        shards, take = self._share(rank, world)
+        offsets = [sum(self.counts[:i]) for i in range(len(self.shards))]
+        if take is None and len(shards) >= workers:
+            shards = shards[worker::workers]
+            mine = lambda g, j: True  # noqa: E731
+        elif take is None:  # fewer shards than workers: the j-th sample of the rank to worker j % workers
+            mine = lambda g, j: j % workers == worker  # noqa: E731
+        else:  # the rank's samples are every world-th: its j-th is g // world
+            mine = lambda g, j: take(g) and (g // world) % workers == worker  # noqa: E731
+        j = 0
+        for i in shards:
+            shard, g, read = self.shards[i], offsets[i], 0
+            for _, raw in self._raw_samples([shard], {"read": 0}):
+                if mine(g, j):
+                    yield self._eval_sample(shard, raw, self.ids[i])
+                g, j, read = g + 1, j + (take is None or take(g)), read + 1
+            if read != self.counts[i]:
+                raise DataError(f"{shard}: {read} samples now, {self.counts[i]} when {self.name}'s evaluation split "
+                                f"was built (the shard changed)")
+
+    def _eval_sample(self, shard, raw, ids):
+        key = raw.get("__key__", "?")
+        where = f"{shard}: sample {key!r}"
+        if key not in ids:
+            raise DataError(f"{where}: not in the shard when {self.name}'s evaluation split was built (the shard "
+                            f"changed)")
+        members = sorted(k for k in raw if not k.startswith("__"))
+        fields = self._fields(raw, where, members)
+        image = self._image(raw, where, members)
+        try:
+            sample = self.make_sample(fields, image)
+        except IMAGE_ERRORS as e:
+            self._bad_image(where, e)
+        sample[self.id_field] = ids[key]
+        return sample
+
+    def _bad_image(self, where, error, what=None):
+        what = what or f"image cannot be read ({type(error).__name__}: {error})"
+        raise DataError(f"{where}: {what} (an evaluation split never skips a sample)")
+
+    def __repr__(self):
+        return f"ShardEvalSet({self.name}: {sum(self.counts)} samples in {len(self.shards)} shard(s))"

@@ -1,6 +1,8 @@
 """The data loaders of PortableRunner (runner_base.py): LAVIS's, with its CUDA-only parts made
 conditional, seeded training samplers, and `run.train_dataset_ratios` (LAVIS 1.0.2's RunnerIter
-raises NameError on it), in iteration- and epoch-based runs."""
+raises NameError on it), in iteration- and epoch-based runs. An evaluation split that is a stream
+(webdataset shards) gets a re-iterable DataLoader: LAVIS's one-shot `iter(DataLoader)`, right
+for an endless training stream, would be empty at the second validation."""
 
 import functools
 
@@ -9,7 +11,7 @@ from lavis.common.dist_utils import get_rank, get_world_size
 from lavis.datasets.data_utils import concat_datasets, reorg_datasets_by_split
 from lavis.datasets.datasets.dataloader_utils import IterLoader, MultiIterLoader, PrefetchLoader
 from torch.utils.data import DataLoader, DistributedSampler
-from torch.utils.data.dataset import ChainDataset
+from torch.utils.data.dataset import ChainDataset, IterableDataset
 
 
 def _without_skipped(collate, samples):
@@ -89,6 +91,15 @@ class Loaders:
         set is iterated afresh each epoch (LAVIS's IterLoader only for mixtures, which
         sample from several loaders)."""
         def _create_loader(dataset, bsz, is_train, collate_fn, infinite):
+            if not is_train and isinstance(dataset, IterableDataset):
+                # an evaluation stream (shard_stream.ShardEvalSet): the DataLoader itself, so each
+                # validation iterates it afresh (one ordered pass); the stream splits its samples
+                # between ranks as a DistributedSampler would, or not (use_dist_eval_sampler off)
+                if hasattr(dataset, "split_across_ranks"):
+                    dataset.split_across_ranks = bool(self.use_distributed and self.use_dist_eval_sampler)
+                loader = DataLoader(dataset, batch_size=bsz, num_workers=num_workers, pin_memory=self.cuda_enabled,
+                                    collate_fn=collate_fn)
+                return PrefetchLoader(loader) if self.cuda_enabled else loader
             if isinstance(dataset, (ChainDataset, wds.DataPipeline)):
                 # webdataset pipelines shard, shuffle and collate themselves
                 return iter(DataLoader(dataset, batch_size=bsz, num_workers=num_workers,

@@ -60,7 +60,8 @@ class ChatEngine:
     def __init__(self, model, vis_processor, max_image_mb: float = DEFAULT_MAX_IMAGE_MB,
                  max_pixels: int = DEFAULT_MAX_PIXELS, **generation):
         if not hasattr(model, "chat"):
-            raise TypeError(f"{type(model).__name__} has no chat(); use a blip2_vicuna model")
+            raise TypeError(f"{type(model).__name__} has no chat(); use a blip2_vicuna (VL-Vicuna's ###Human template) "
+                            f"or a blip2_causal_lm (its tokenizer's chat template) model")
         self.model = model
         self.vis_processor = vis_processor
         self.max_image_bytes = int(max_image_mb * 2**20)
@@ -87,9 +88,11 @@ class ChatEngine:
 
 def add_generation_args(parser) -> None:
     group = parser.add_argument_group("model and generation")
-    group.add_argument("--model", default="blip2_vicuna", help="registered model name (default: blip2_vicuna)")
+    group.add_argument("--model", default="blip2_vicuna", help="registered model name: blip2_vicuna (default; VL-Vicuna's ###Human template) or "
+                       "blip2_causal_lm (an instruct LLM's own chat template)")
     group.add_argument("--model-type", default="vl_vicuna7b",
-                       help="model type: vl_vicuna7b (released VL-Vicuna), tiny_vl_vicuna (toy), ...")
+                       help="model type: vl_vicuna7b (released VL-Vicuna), tiny_vl_vicuna (toy), qwen2.5_7b, "
+                       "llama3_8b (blip2_causal_lm), ...")
     group.add_argument("--llm-model", default=None, help="local LLM directory (e.g. your Vicuna-7B v0)")
     group.add_argument("--checkpoint", default=None,
                        help="trained checkpoint (trainable parameters only), e.g. vl-vicuna.pth")

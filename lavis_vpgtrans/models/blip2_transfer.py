@@ -4,10 +4,19 @@ Each names its projector as LAVIS and the released VPGTrans checkpoints do, and 
 model types (default yamls under models/configs/<family>/). Everything else is shared.
 """
 
+import logging
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 from lavis.common.registry import registry
 
-from lavis_vpgtrans.models.chat_template import chat_template_loss
+from lavis_vpgtrans.common.paths import resolve_path
+from lavis_vpgtrans.models.chat_template import (IMAGE_SLOT, ChatTemplateError, chat_template_loss, cut_answer,
+                                                 embed_rows, end_of_turn_stop, generation_prompt_tokens)
 from lavis_vpgtrans.models.vl_llm import Blip2VLLLM
+
+logger = logging.getLogger(__name__)
 
 
 @registry.register_model("blip2_opt_transfer")
@@ -90,11 +99,115 @@ class Blip2CausalLM(Blip2VLLLM):
         "tiny_causal_lm": "models/configs/causal_lm/tiny_causal_lm.yaml",
     }
 
+    # Set by set_chat_template (the `chat_template` / `chat_template_kwargs` config keys).
+    chat_template_kwargs: dict = {}
+
+    @classmethod
+    def from_config(cls, cfg):
+        model = super().from_config(cfg)
+        model.set_chat_template(cfg.get("chat_template", None), cfg.get("chat_template_kwargs", None))
+        return model
+
+    def set_chat_template(self, template: Optional[str] = None, kwargs: Optional[dict] = None) -> None:
+        """The chat template conversations train and chat in: None keeps the tokenizer's own
+        (tokenizer_config.json); a Jinja template, or a file holding one, replaces it (for an LLM
+        that ships none). `kwargs` go to every apply_chat_template call (e.g. Qwen3's
+        enable_thinking: false), in training and chat alike."""
+        if template is not None:
+            path = resolve_path(str(template))
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as f:
+                    template = f.read()
+            elif "{{" not in str(template) and "{%" not in str(template):
+                raise ValueError(f"model.chat_template={str(template)[:80]!r}: neither a file nor a Jinja template")
+            self.llm_tokenizer.chat_template = str(template)
+        if kwargs is not None and not isinstance(kwargs, dict):
+            from omegaconf import DictConfig, OmegaConf
+
+            if not isinstance(kwargs, DictConfig):
+                raise ValueError(f"model.chat_template_kwargs must be a mapping, got {kwargs!r}")
+            kwargs = OmegaConf.to_container(kwargs)
+        self.chat_template_kwargs = dict(kwargs or {})
+
     def forward(self, samples):
         """Conversation samples (own_instruct: [[user, assistant], ...] each) are rendered by the
         tokenizer's own chat template, labels on the answers only (models/chat_template.py)."""
         if "conversation" not in samples:
             return super().forward(samples)
         loss = chat_template_loss(self, samples["image"], samples["conversation"],
-                                  max_answer_tokens=self.max_output_txt_len)
+                                  max_answer_tokens=self.max_output_txt_len, **self.chat_template_kwargs)
         return {"loss": loss, "loss_lm": loss}
+
+    # ------------------------------------------------------------------ chat
+
+    def _conversation_row(self, turns: Sequence[Tuple[str, Optional[str]]]) -> List[int]:
+        """The generation prompt's ids (IMAGE_SLOT where the soft prompts go): the training
+        layout of the same conversation up to the answer (chat_template.generation_prompt_tokens)."""
+        return generation_prompt_tokens(self.llm_tokenizer, turns, self.query_tokens.shape[1], IMAGE_SLOT,
+                                        **self.chat_template_kwargs)
+
+    @torch.no_grad()
+    def generate_conversations(self, image: torch.Tensor, conversations, **gen_kwargs) -> List[str]:
+        """The assistant's next answer for each conversation ([(user, assistant), ..., (user, None)],
+        one image each) in the tokenizer's chat template, generated until the template's end of
+        turn (or the EOS) and cut there; `gen_kwargs` for HF generate (max_new_tokens, ...)."""
+        tok = self.llm_tokenizer
+        prompts = self.encode_image(image)
+        rows = [self._conversation_row(turns) for turns in conversations]
+        # Left padding keeps every prompt adjacent to the tokens being generated.
+        embeds, mask = embed_rows(self, rows, prompts, left=True)
+        stop_ids, stop_text = end_of_turn_stop(tok, **self.chat_template_kwargs)
+        stop = {"stopping_criteria": self.stop_on_text(stop_text)} if stop_text else {}
+        if self.synced_generation:
+            stop["synced_gpus"] = True
+        with self.maybe_autocast():
+            out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_ids,
+                                          pad_token_id=tok.pad_token_id, **stop, **gen_kwargs)
+        return [cut_answer(tok, row, stop_ids, stop_text) for row in out.tolist()]
+
+    @torch.no_grad()
+    def chat(
+        self,
+        image: torch.Tensor,
+        message: str,
+        history: Sequence[Tuple[str, str]] = (),
+        max_new_tokens: int = 300,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 0.9,
+        repetition_penalty: float = 1.0,
+        length_penalty: float = 1.0,
+        min_new_tokens: int = 1,
+    ) -> str:
+        """The assistant's answer to `message` about `image` (a processed image, (3, H, W) or
+        (1, 3, H, W)) after the earlier (user, assistant) turns in `history`, in the tokenizer's
+        chat template as the model trained on own_instruct conversations (Blip2Vicuna.chat's
+        contract). When the conversation does not fit the LLM's context, the oldest turns after
+        the first (which holds the image) are left out, then the answer is allowed fewer tokens."""
+        if image.dim() == 3:
+            image = image.unsqueeze(0)
+        if image.shape[0] != 1:
+            raise ValueError(f"chat takes one image, got a batch of {image.shape[0]}")
+        if not getattr(self.llm_tokenizer, "chat_template", None):
+            raise ChatTemplateError(f"{self.llm_model_name}'s tokenizer has no chat template: chat with an instruct "
+                                    f"model's, or set model.chat_template (a Jinja template or a file)")
+        turns = [tuple(t) for t in history] + [(str(message).strip(), None)]
+        limit = getattr(self.llm_model.config, "max_position_embeddings", None)
+        length = len(self._conversation_row(turns))
+        while limit and len(turns) > 2 and length + max_new_tokens > limit:
+            logger.info("conversation too long (%d tokens): leaving out turn 2 of %d", length, len(turns))
+            del turns[1]
+            length = len(self._conversation_row(turns))
+        if limit and length + max_new_tokens > limit:
+            room = limit - length
+            if room < 1:
+                raise ChatTemplateError(f"the conversation is {length} tokens (image included), over the LLM's "
+                                        f"context of {limit}")
+            logger.warning("only %d tokens left in the context: max_new_tokens %d -> %d", room, max_new_tokens, room)
+            max_new_tokens, min_new_tokens = room, min(min_new_tokens, room)
+        gen = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                   do_sample=do_sample, repetition_penalty=repetition_penalty, length_penalty=length_penalty)
+        if do_sample:
+            gen.update(temperature=temperature, top_p=top_p)
+        return self.generate_conversations(image.to(self.device), [turns], **gen)[0]

@@ -15,9 +15,17 @@ The answers are found in the rendered text itself (in order, after the messages 
 templates that render a message differently as the last one (Qwen3's empty <think> block) or
 change the system prompt are handled; a template that rewrites a message's text is an error.
 Needs a fast tokenizer (offsets).
+
+Generation (Blip2CausalLM.chat) renders the history and the new message with
+add_generation_prompt=True; those ids must be the training row's up to the answer
+(generation_prompt_tokens checks it), and the answer ends at the template's end of turn
+(end_of_turn_stop).
 """
 
+import logging
 from typing import Dict, List, Optional, Sequence, Tuple
+
+logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER_TEXT = "<ImageHere>"
 
@@ -136,6 +144,90 @@ def chat_template_tokens(tokenizer, turns: Sequence[Tuple[str, Optional[str]]], 
 
 
 IMAGE_SLOT = -200  # marks the soft-prompt positions in a row of ids; never a vocabulary id
+# The answer of the training row that a generation prompt is checked against: it opens with a word
+# that every vocabulary holds with its leading space ("▁a", "Ġa"), so its first token is where the
+# labels start, and goes on with text no template writes (answer_spans finds it in the rendering).
+PROBE_ANSWER = "a 1729 reply."
+
+
+def answer_start(labels: Sequence[int]) -> int:
+    """Index of the first labelled token of the last answer."""
+    for i in range(len(labels) - 1, -1, -1):
+        if labels[i] != -100 and (i == 0 or labels[i - 1] == -100):
+            return i
+    raise ChatTemplateError("the conversation has no labelled answer")
+
+
+def generation_prompt_tokens(tokenizer, turns: Sequence[Tuple[str, Optional[str]]], num_query: int,
+                             image_token_id: int, with_image: bool = True, **template_kwargs) -> List[int]:
+    """Ids of the prompt that asks for the answer of the last turn (its answer None): the
+    conversation rendered with add_generation_prompt=True, which must equal the ids of the same
+    conversation answered, as training renders it, up to the answer's first token. A template
+    whose generation prompt is not that prefix (Qwen3's, unless enable_thinking=False, writes an
+    empty <think> block before an answered last turn but none after its generation prompt) gets
+    the training row's prefix instead: the model learned to answer after that. A prompt that
+    stops before a whitespace token the tokenizer keeps apart from some answers' first word (the
+    toy LLaMA's "▁" before "T") is still that prefix: the answer's own tokens decide."""
+    turns = [tuple(t) for t in turns]
+    if not turns or turns[-1][1] is not None:
+        raise ChatTemplateError("a generation prompt needs a last turn without an answer")
+    prompt, _ = chat_template_tokens(tokenizer, turns, num_query, image_token_id, with_image, **template_kwargs)
+    ids, labels = chat_template_tokens(tokenizer, turns[:-1] + [(turns[-1][0], PROBE_ANSWER)], num_query,
+                                       image_token_id, with_image, **template_kwargs)
+    trained = ids[:answer_start(labels)]
+    if trained[:len(prompt)] == prompt and not tokenizer.decode(trained[len(prompt):]).strip():
+        return prompt
+    if prompt != trained:
+        key = (tokenizer.chat_template, repr(sorted(template_kwargs.items())))
+        warned = tokenizer.__dict__.setdefault("_vpgtrans_prompt_warned", set())
+        if key not in warned:
+            warned.add(key)
+            logger.warning("the chat template's generation prompt ends %r where training puts the answer "
+                           "after %r: generating after the training layout", tokenizer.decode(prompt[-6:]),
+                           tokenizer.decode(trained[-6:]))
+    return trained
+
+
+def end_of_turn_stop(tokenizer, **template_kwargs) -> Tuple[List[int], Optional[str]]:
+    """How a generated answer ends: (token ids generation stops at: the end of turn's special
+    token, e.g. <|im_end|> or Llama-3's <|eot_id|>, and the tokenizer's EOS; the end-of-turn text
+    to stop on and cut at when the template ends a turn with no special token, else None)."""
+    eot = end_of_turn(tokenizer, **template_kwargs)
+    specials = [t for t in set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()) if t and eot.endswith(t)]
+    ids = [tokenizer.convert_tokens_to_ids(max(specials, key=len))] if specials else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    text = None if specials else (eot or None)
+    if not ids and text is None:
+        raise ChatTemplateError(f"{type(tokenizer).__name__}: the chat template ends a turn with {eot!r} and the "
+                                "tokenizer has no EOS: nothing to stop generation at")
+    return ids, text
+
+
+def cut_answer(tokenizer, ids: Sequence[int], stop_ids: Sequence[int], stop_text: Optional[str]) -> str:
+    """A generated answer's text up to (not including) its end of turn, stripped."""
+    ids = list(ids)
+    for k, t in enumerate(ids):
+        if t in stop_ids:
+            ids = ids[:k]
+            break
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    if stop_text:
+        text = text.split(stop_text, 1)[0]
+    return text.strip()
+
+
+def embed_rows(model, rows: Sequence[Sequence[int]], prompts, left: bool = False):
+    """(inputs_embeds, attention_mask) of padded rows of ids with each row's soft prompts
+    (`prompts`, (B, num_query, D)) at its IMAGE_SLOT positions. `model` is a Blip2VLLLM."""
+    from lavis_vpgtrans.models.llm import pad_rows
+
+    pad = model.llm_tokenizer.pad_token_id
+    ids, mask = (t.to(prompts.device) for t in pad_rows(rows, pad, left=left))
+    is_image = ids == IMAGE_SLOT
+    embeds = model.llm_model.get_input_embeddings()(ids.masked_fill(is_image, pad))
+    embeds[is_image] = prompts.reshape(-1, prompts.shape[-1]).to(embeds.dtype)
+    return embeds, mask
 
 
 def chat_template_loss(model, image, conversations, max_answer_tokens: Optional[int] = None,
@@ -144,20 +236,14 @@ def chat_template_loss(model, image, conversations, max_answer_tokens: Optional[
     chat template, on the answers (and their end of turn) only. `model` is a Blip2VLLLM."""
     import torch
 
-    from lavis_vpgtrans.models.llm import pad_rows
-
     prompts = model.encode_image(image)
     num_query = prompts.shape[1]
     rows = [chat_template_tokens(model.llm_tokenizer, [tuple(t) for t in turns], num_query, IMAGE_SLOT,
                                  max_answer_tokens=max_answer_tokens, **template_kwargs) for turns in conversations]
-    pad = model.llm_tokenizer.pad_token_id
-    ids, mask = (t.to(prompts.device) for t in pad_rows([r[0] for r in rows], pad))
-    labels = torch.full(ids.shape, -100, dtype=torch.long)
+    embeds, mask = embed_rows(model, [r[0] for r in rows], prompts)
+    labels = torch.full(mask.shape, -100, dtype=torch.long)
     for i, (_, row_labels) in enumerate(rows):
         labels[i, : len(row_labels)] = torch.tensor(row_labels, dtype=torch.long)
-    is_image = ids == IMAGE_SLOT
-    embeds = model.llm_model.get_input_embeddings()(ids.masked_fill(is_image, pad))
-    embeds[is_image] = prompts.reshape(-1, prompts.shape[-1]).to(embeds.dtype)
     with model.maybe_autocast():
         return model.llm_model(inputs_embeds=embeds, attention_mask=mask, labels=labels.to(mask.device),
                                return_dict=True).loss

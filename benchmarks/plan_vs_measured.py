@@ -1,11 +1,12 @@
 """The memory plan (python -m lavis_vpgtrans.plan) against the memory one training step actually
 allocates on CPU (lavis_vpgtrans/plan/measure.py: every tensor storage from creation to release),
 for the toy models and for random-weight OPT-125M (fp32, bf16) and OPT-1.3B (bf16) (their real architectures, built from
-their configs; toy ViT and Q-Former), in stages 1 and 2; the toy models also with LoRA, 4-bit, 8-bit and QLoRA. (OPT-350M is not among them: its word
+their configs; toy ViT and Q-Former), in stages 1 and 2; the toy models also with LoRA, 4-bit, 8-bit and QLoRA, and with a BLIP-2-sized
+Q-Former (bert-base, 32 queries, over ViT-g-wide features of 257 image tokens). (OPT-350M is not among them: its word
 embeddings are 512 wide, projected to its 1024-wide layers, and the VL-LLMs' projector is built
 for config.hidden_size, as LAVIS's blip2_opt does: such a model does not run.)
 
-    python benchmarks/plan_vs_measured.py [--batches 4,16] [--sizes toy,opt-125m,opt-1.3b] [--out FILE.md]
+    python benchmarks/plan_vs_measured.py [--batches 4,16] [--sizes toy,vpg,opt-125m,opt-1.3b] [--out FILE.md]
 
 Prints a markdown table: weights (planned = measured, exactly), gradients, AdamW state, and the
 peak of the step (planned / measured). The plan is an upper bound by design: it counts every
@@ -42,6 +43,12 @@ def cases(sizes, work):
                                                "llm_lora": {"r": 4}}, "toy LLaMA, QLoRA r=4")]
     import torch
 
+    if "vpg" in sizes:
+        # the Q-Former at its real size (bert-base, 32 queries) over ViT-g-wide image features
+        from lavis_vpgtrans.plan.measure import random_vpg_dirs
+
+        vpg = random_vpg_dirs(os.path.join(work, "vpg"), resolve_path("toy:bert"))
+        out.append(("blip2_opt_transfer", "tiny_opt_small", vpg, "toy OPT, BLIP-2-sized Q-Former"))
     for name, precisions in (("opt-125m", ("fp32", "bf16")), ("opt-1.3b", ("bf16",))):
         if name in sizes:
             path = os.path.join(work, name)
@@ -57,7 +64,7 @@ def cases(sizes, work):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batches", default="4,16", help="batch sizes (OPT-1.3B: the first only)")
-    parser.add_argument("--sizes", default="toy,opt-125m,opt-1.3b")
+    parser.add_argument("--sizes", default="toy,vpg,opt-125m,opt-1.3b")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
     args = parser.parse_args(argv)
 

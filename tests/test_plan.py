@@ -264,3 +264,39 @@ def test_cli_verdict_and_refusals(plugin, capsys):
     assert "run.fsdp with model.llm_quantization" in capsys.readouterr().err
     assert main(["--cfg-path", cfg, "--options", "model.llm_model=nobody/unknown-llm"]) == 2
     assert "model.llm_model='nobody/unknown-llm'" in capsys.readouterr().err
+
+
+def test_qformer_activations_equal_what_autograd_keeps(plugin):
+    """The Q-Former (LAVIS's BertLMHeadModel with the text side dropped, in train mode: dropout)
+    keeps what estimate.py counts, for 4 layers of which 2 cross-attend (CPU: fp32 dropout masks)."""
+    from lavis.models.blip2_models.Qformer import BertConfig, BertLMHeadModel
+
+    from lavis_vpgtrans.plan.estimate import qformer_activations
+
+    batch, queries, image_tokens, vit_width, hidden, heads, inter = 2, 8, 17, 48, 64, 4, 128
+    config = BertConfig(hidden_size=hidden, num_hidden_layers=4, num_attention_heads=heads, intermediate_size=inter,
+                        vocab_size=100)
+    config.encoder_width, config.add_cross_attention, config.cross_attention_freq = vit_width, True, 2
+    config.query_length = queries
+    qformer = BertLMHeadModel(config)
+    qformer.cls = qformer.bert.embeddings.word_embeddings = qformer.bert.embeddings.position_embeddings = None
+    for layer in qformer.bert.encoder.layer:
+        layer.output = layer.intermediate = None
+    qformer.train()
+    weights = {t.untyped_storage().data_ptr() for t in list(qformer.parameters()) + list(qformer.buffers())}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in weights:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    query_tokens = torch.zeros(batch, queries, hidden, requires_grad=True)
+    image = torch.randn(batch, image_tokens, vit_width)  # ln_vision's output
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        qformer.bert(query_embeds=query_tokens, encoder_hidden_states=image,
+                     encoder_attention_mask=torch.ones(batch, image_tokens, dtype=torch.long), return_dict=True)
+    dims = dict(queries=queries, hidden=hidden, heads=heads, intermediate=inter, every=2, layers=4)
+    planned = qformer_activations(dims, batch, image_tokens, vit_width, trains=True, checkpointing=False, amp=False,
+                                  mask_bytes=4)["Q-Former"]
+    assert planned == sum(kept.values())

@@ -33,7 +33,9 @@ q = num_query_token, text = max_txt_len, T = q + text tokens through a decoder-o
                log-probabilities and of the logits). The Q-Former (stage 2) is counted op by op
                (dropout masks included), the ViT runs without a graph (its forward peak is one
                block's working set, reached before the LLM runs).
-  peak         weights + gradients + optimizer + activations at the start of backward; the card
+  peak         the largest of: the start of backward (weights, optimizer, activations, and the
+               gradients when accumulation keeps them), the moment the VPG's gradients appear (the
+               LLM's activations freed), the ViT's forward; the card
                needs it x (1 + ALLOCATOR_SLACK) + CUDA_CONTEXT_GIB (assumptions about the CUDA
                caching allocator and the context, not measured here: no GPU was lent).
 """
@@ -63,6 +65,8 @@ class Setting:
     fsdp: Optional[dict] = None  # run.fsdp: {shard_llm, shard_vit} or None (DDP / one process)
     checkpointing: Optional[dict] = None  # run.activation_checkpointing: {llm, qformer} or None
     amp_on_gpu: bool = True  # run.amp on CUDA: the Q-Former's linears run in fp16 under autocast
+    on_gpu: bool = True  # CUDA keeps dropout masks as bool, the CPU as fp32
+    accum: int = 1  # run.accum_grad_iters: above 1, the gradients live through the next micro-steps
     text_len: Optional[int] = None  # text tokens (default: max_txt_len, the longest a batch pads to)
 
 
@@ -76,6 +80,7 @@ class StagePlan:
     activation_detail: Dict[str, float]
     fixed: float  # everything but the activations
     peak: float
+    phases: list = field(default_factory=list)  # (bytes, bytes per sample) of each candidate peak
 
 
 def flag_config(value, defaults):
@@ -178,30 +183,42 @@ def s_llm_is_fp16(info) -> bool:
 
 
 def qformer_activations(d, batch: int, image_tokens: int, vit_width: int, trains: bool, checkpointing: bool,
-                        amp: bool) -> Dict[str, float]:
-    """Bytes the Q-Former keeps when it trains (stage 2), op by op; in stage 1 only the projector's input."""
+                        amp: bool, mask_bytes: int = 1) -> Dict[str, float]:
+    """Bytes the Q-Former keeps when it trains (stage 2), as measured on LAVIS's BertModel in train
+    mode (tests/test_plan.py): per layer, self-attention + query FFN keep 8 q x d, 2 H x q x q and
+    2 q x I fp32 tensors, plus dropout masks on 2 q x d and H x q x q (bool on CUDA, fp32 on CPU) and
+    the layer norms' statistics; a cross-attention layer 4 q x d, its keys and values 2 n x d, 2
+    H x q x n, masks on q x d and H x q x n; the image features (n x W, fp32) once. In stage 1 only
+    the projector's input. Under CUDA amp the linear layers keep fp16 copies of their inputs: half
+    the q x d / n x d / q x I bytes, and one fp16 copy of the image features per key / value layer."""
     q, hd, H, I = d["queries"], d["hidden"], d["heads"], d["intermediate"]
-    s = 2 if amp else 4  # linear inputs as autocast casts them
     if not trains:
         return {"projector input": batch * q * hd * 4}
-    n = image_tokens
-    self_attn = 5 * q * hd * 4 + 2 * H * q * q * 4 + H * q * q + q * hd  # + dropout masks (1 byte)
-    cross = (3 * q * hd * 4 + 2 * n * hd * 4 + 2 * H * q * n * 4 + H * q * n + q * hd
-             + (2 * n * vit_width * s if amp else 0))  # under amp: an fp16 copy of the image features per k / v
-    ffn = 3 * q * hd * 4 + 2 * q * I * 4 + q * hd
+    n, m = image_tokens, mask_bytes
+    s = 2 if amp else 4
+    self_ffn = (8 * q * hd + 2 * q * I) * s + 2 * H * q * q * 4 + (2 * q * hd + H * q * q) * m + 16 * q
+    cross = (4 * q * hd + 2 * n * hd) * s + 2 * H * q * n * 4 + (q * hd + H * q * n) * m + 8 * q \
+        + (2 * n * vit_width * 2 if amp else 0)
     n_cross = math.ceil(d["layers"] / d["every"])
-    per_sample = d["layers"] * (self_attn + ffn) + n_cross * cross
-    shared = n * vit_width * 4  # the image features (fp32 after ln_vision), read by every cross-attention
+    per_sample = d["layers"] * self_ffn + n_cross * cross
+    # the image features (fp32 after ln_vision), read by every cross-attention, and the query
+    # embeddings' layer norm input and dropout mask
+    shared = n * vit_width * 4 + q * hd * (4 + m) + 8 * q
     if checkpointing:
-        per_sample = d["layers"] * q * hd * 4 + (self_attn + ffn + cross)
-    return {"Q-Former": batch * (per_sample + shared), "projector input": batch * q * hd * 4}
+        per_sample = d["layers"] * q * hd * 4 + (self_ffn + cross)
+    return {"Q-Former": batch * (per_sample + shared),
+            # backward through a layer needs the gradients of what it kept: about its size again
+            "Q-Former backward (transient)": batch * (self_ffn + cross),
+            "projector input": batch * q * hd * 4}
 
 
-def vit_forward_peak(d, batch: int) -> float:
-    """The frozen ViT's working set within one block (no graph is kept): x, qkv, the attention
-    scores and probabilities, the MLP's hidden layer."""
-    n, w, H, m, s = d["tokens"], d["width"], d["heads"], d["mlp"], d["bytes_per_el"]
-    return batch * (n * (5 * w + 2 * m) * s + H * n * n * (s + 4))
+def vit_forward_peak(d, batch: int, amp: bool = False) -> float:
+    """The frozen ViT's working set within one block (no graph is kept): the larger of its attention
+    (x, its norm, qkv, scaled q, scores and probabilities, fp32 under autocast) and its MLP (x, norm,
+    fc1 and GELU outputs)."""
+    n, w, H, mlp, s = d["tokens"], d["width"], d["heads"], d["mlp"], d["bytes_per_el"]
+    attention = n * 6 * w * s + H * n * n * (s + (4 if amp or s == 4 else s))
+    return batch * max(attention, n * (2 * w + 2 * mlp) * s)
 
 
 def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> StagePlan:
@@ -239,15 +256,28 @@ def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> St
     act = {}
     act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm"))))
     act.update(qformer_activations(built["qformer_dims"], 1, built["vit_dims"]["tokens"], built["vit_dims"]["width"],
-                                   trains=stage == 2, checkpointing=bool(ck.get("qformer")), amp=setting.amp_on_gpu))
+                                   trains=stage == 2, checkpointing=bool(ck.get("qformer")), amp=setting.amp_on_gpu,
+                                   mask_bytes=1 if setting.on_gpu else 4))
     per_sample = sum(act.values())
     fixed = sum(rows.values())
     b = setting.batch
     rows["activations"] = per_sample * b
-    peak = fixed + per_sample * b
-    vit_peak = fixed - rows.get("gradients (fp32)", 0) + vit_forward_peak(built["vit_dims"], b)
-    peak = max(peak, vit_peak)
-    return StagePlan(stage, parts, info, rows, per_sample, act, fixed, peak)
+    # The peak is the largest of three moments, each a base plus bytes per sample:
+    #   backward starts: every activation kept, the loss's transients; gradients only if they
+    #     survive from the previous micro-step (accum_grad_iters > 1; LAVIS's loop sets them to None
+    #     after each optimizer step) and the adapters' (made while the LLM's activations live)
+    #   the VPG's gradients all made: the activations are gone
+    #   the ViT's forward (no graph, one block's working set)
+    grads = rows["gradients (fp32)"]
+    lora_grads = sum(p.trainable_params for p in parts if p.name == "LoRA") * 4
+    kept_grads = grads if setting.accum > 1 else lora_grads
+    base = fixed - grads
+    # (as the Q-Former's backward runs, its gradients replace its activations layer by layer: at
+    # most all of one or all of the other, besides the base)
+    phases = [(base + kept_grads, per_sample), (base + grads, 0),
+              (base + kept_grads, vit_forward_peak(built["vit_dims"], 1, amp=setting.on_gpu))]
+    peak = max(base_ + b * per for base_, per in phases)
+    return StagePlan(stage, parts, info, rows, per_sample, act, fixed, peak, phases)
 
 
 def _flat(cfg) -> dict:
@@ -262,9 +292,11 @@ def card_bytes(gpu_gib: float) -> float:
     return (gpu_gib - CUDA_CONTEXT_GIB) * GIB / (1 + ALLOCATOR_SLACK)
 
 
-def largest_batch(stage_plan: StagePlan, gpu_gib: float, vit_dims=None) -> int:
-    room = card_bytes(gpu_gib) - stage_plan.fixed
-    return max(0, int(room // stage_plan.activations_per_sample))
+def largest_batch(stage_plan: StagePlan, gpu_gib: float) -> int:
+    """The largest batch whose every candidate peak fits the card."""
+    room = card_bytes(gpu_gib)
+    return max(0, min(int((room - base) // per) if per > 0 else (10 ** 9 if room >= base else 0)
+                      for base, per in stage_plan.phases))
 
 
 @dataclass

@@ -128,7 +128,7 @@ def plan_vs_measured(arch: str, model_cfg, batch: int, stage: int, steps: int = 
     model.set_trainable(train_vpg=stage == 2)
     samples = long_text_samples(batch, int(model_cfg.get("image_size", 224)), model.is_encoder_decoder, seed)
     measured = measure_training_steps(model, samples, steps=steps)
-    plan = make_plan(model_cfg, Setting(batch=batch, amp_on_gpu=False), [stage], alternatives=False)
+    plan = make_plan(model_cfg, Setting(batch=batch, amp_on_gpu=False, on_gpu=False), [stage], alternatives=False)
     sp = plan.stages[0]
     planned = dict(weights=sum(p.bytes for p in sp.parts), gradients=sp.rows["gradients (fp32)"],
                    optimizer=sp.rows["AdamW state (fp32 m, v)"], peak=sp.peak, activations=sp.rows["activations"])
@@ -149,3 +149,27 @@ def random_llm_dir(hub_id: str, out_dir: str, tokenizer_dir: str, seed: int = 0,
     AutoModelForCausalLM.from_config(config, torch_dtype=dtype).save_pretrained(out_dir)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out_dir)
     return out_dir
+
+
+def random_vpg_dirs(out_dir: str, tokenizer_dir: str, vit_depth: int = 2, seed: int = 0) -> dict:
+    """A BLIP-2-sized VPG with random weights, as local directories the model configs can name:
+    a bert-base-sized BERT for the Q-Former (with `tokenizer_dir`'s WordPiece vocabulary) and an
+    EVA ViT of ViT-g's width, heads and 224-pixel / 14-pixel patches (257 image tokens) but only
+    `vit_depth` blocks (the ViT keeps no activations; its width and token count are what the
+    Q-Former's cross-attention sees). Returns the model-config overrides naming them."""
+    import os
+
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+
+    from lavis_vpgtrans.models.eva_vit import build_eva_vit, save_eva_vit_dir
+    from lavis_vpgtrans.plan.known import EVA_VIT_G, KNOWN_BERT_CONFIGS
+
+    torch.manual_seed(seed)
+    bert_dir, vit_dir = os.path.join(out_dir, "bert-base"), os.path.join(out_dir, "vit-g-width")
+    tokenizer = BertTokenizer.from_pretrained(tokenizer_dir)
+    fields = dict(KNOWN_BERT_CONFIGS["bert-base-uncased"][0], vocab_size=len(tokenizer))
+    BertForMaskedLM(BertConfig(**fields)).save_pretrained(bert_dir)
+    tokenizer.save_pretrained(bert_dir)
+    vit_cfg = dict(img_size=224, **{**EVA_VIT_G, "depth": vit_depth})
+    save_eva_vit_dir(build_eva_vit(vit_cfg), vit_cfg, vit_dir)
+    return {"qformer_model": bert_dir, "vit_model": vit_dir, "image_size": 224, "num_query_token": 32}

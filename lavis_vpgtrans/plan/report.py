@@ -41,7 +41,8 @@ def setting_of(cfg, gpus: int, on_gpu: bool = True) -> Setting:
     return Setting(batch=int(run.get("batch_size_train", 1)), gpus=gpus,
                    fsdp=flag_config(run.get("fsdp", None), FSDP_DEFAULTS),
                    checkpointing=flag_config(run.get("activation_checkpointing", None), CHECKPOINTING_ON),
-                   amp_on_gpu=on_gpu and bool(run.get("amp", False)))
+                   amp_on_gpu=on_gpu and bool(run.get("amp", False)), on_gpu=on_gpu,
+                   accum=int(run.get("accum_grad_iters", 1)))
 
 
 MIB = 2 ** 20

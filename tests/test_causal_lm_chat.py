@@ -58,7 +58,7 @@ def toy_tokenizer(toy_zoo, template, specials=()):
 
 
 def test_generation_prompt_is_the_training_prefix_on_toy_templates(plugin, toy_zoo):
-    from lavis_vpgtrans.models.chat_template import end_of_turn_stop
+    from lavis_vpgtrans.models.chat_template import cut_answer, end_of_turn_stop
 
     tok = toy_tokenizer(toy_zoo, VICUNA_LIKE)
     prompts = assert_generation_is_training_prefix(tok)
@@ -75,6 +75,8 @@ def test_generation_prompt_is_the_training_prefix_on_toy_templates(plugin, toy_z
     tok = toy_tokenizer(toy_zoo, PLAIN_END)
     assert_generation_is_training_prefix(tok)
     assert end_of_turn_stop(tok) == ([tok.eos_token_id], " END\n")
+    generated = tok(f"{TURNS[0][1]} END\nuser: more", add_special_tokens=False).input_ids
+    assert cut_answer(tok, generated, [tok.eos_token_id], " END\n") == TURNS[0][1]
 
 
 def test_generation_prompt_is_the_training_prefix_on_real_templates(plugin, caplog):
@@ -163,6 +165,15 @@ def test_chat_answers_in_the_template_it_trained_on(trained):
     finally:
         hook.remove()
     assert (first, second) == (a1, a2)
+    model.chat_mode = True  # (model.chat_mode: true) VQA asks in the template too
+    try:
+        assert model.predict_answers({"image": image[None], "text_input": [q1]}, prompt="{}", num_beams=1,
+                                     max_len=16) == [a1]
+        with pytest.raises(ValueError, match="with chat_mode use inference_method 'generate'"):
+            model.predict_answers({"image": image[None], "text_input": [q1]}, inference_method="rank",
+                                  answer_list=[a1, a2])
+    finally:
+        model.chat_mode = False
     ids, labels = chat_template_tokens(model.llm_tokenizer, TURNS[:2], 8, IMAGE_SLOT)
     with torch.no_grad():
         embeds, _ = embed_rows(model, [ids], model.encode_image(image[None]))
@@ -211,3 +222,5 @@ def test_chat_without_a_template_says_how_to_set_one(plugin):
         model.chat(torch.zeros(3, 32, 32), "Hello?", max_new_tokens=2)
     with pytest.raises(ValueError, match="model.chat_template='USER: hi': neither a file nor a Jinja template"):
         model.set_chat_template("USER: hi")
+    with pytest.raises(ValueError, match="chat_mode is set but toy:llama's tokenizer has no chat template"):
+        load_tiny("blip2_causal_lm", "tiny_causal_lm", chat_mode=True)

@@ -99,13 +99,20 @@ class Blip2CausalLM(Blip2VLLLM):
         "tiny_causal_lm": "models/configs/causal_lm/tiny_causal_lm.yaml",
     }
 
-    # Set by set_chat_template (the `chat_template` / `chat_template_kwargs` config keys).
+    # Set by set_chat_template (the `chat_template` / `chat_template_kwargs` / `chat_mode` config keys).
     chat_template_kwargs: dict = {}
+    chat_mode: bool = False
 
     @classmethod
     def from_config(cls, cfg):
         model = super().from_config(cfg)
         model.set_chat_template(cfg.get("chat_template", None), cfg.get("chat_template_kwargs", None))
+        # generate() / predict_answers() ask in the chat template too (each caption prompt or
+        # formatted question is the user's message), as VL-Vicuna does with conv_template
+        model.chat_mode = bool(cfg.get("chat_mode", False))
+        if model.chat_mode and not getattr(model.llm_tokenizer, "chat_template", None):
+            raise ValueError(f"model.chat_mode is set but {cfg.get('llm_model')}'s tokenizer has no chat template: "
+                             f"set model.chat_template (a Jinja template or a file)")
         return model
 
     def set_chat_template(self, template: Optional[str] = None, kwargs: Optional[dict] = None) -> None:
@@ -164,6 +171,21 @@ class Blip2CausalLM(Blip2VLLLM):
             out = self.llm_model.generate(inputs_embeds=embeds, attention_mask=mask, eos_token_id=stop_ids,
                                           pad_token_id=tok.pad_token_id, **stop, **gen_kwargs)
         return [cut_answer(tok, row, stop_ids, stop_text) for row in out.tolist()]
+
+    def _generate(self, image, prefixes: List[str], min_length: int = 1, **gen_kwargs) -> List[str]:
+        """generate() / predict_answers(): with chat_mode each prefix is the user's message of a
+        one-turn conversation in the chat template, and min_length counts new tokens (the prompt is
+        embeddings only, as in Blip2Vicuna's conversation mode)."""
+        if not self.chat_mode:
+            return super()._generate(image, prefixes, min_length=min_length, **gen_kwargs)
+        return self.generate_conversations(image, [[(p, None)] for p in prefixes], min_new_tokens=min_length,
+                                           **gen_kwargs)
+
+    def rank_answers(self, *args, **kwargs):
+        if self.chat_mode:  # the scorer's rows are the caption layout, not the chat template's
+            raise ValueError(f"{type(self).__name__}: inference_method 'rank' scores in the caption layout; with "
+                             f"chat_mode use inference_method 'generate'")
+        return super().rank_answers(*args, **kwargs)
 
     @torch.no_grad()
     def chat(

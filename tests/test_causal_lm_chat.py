@@ -204,12 +204,45 @@ def test_cli_and_web_engine_chat_from_the_checkpoint(trained, monkeypatch, capsy
 
     import argparse
 
+    from lavis_vpgtrans.chat import web
+
     parser = argparse.ArgumentParser()
     add_generation_args(parser)
-    engine = engine_from_args(parser.parse_args(argv))
-    state = engine.open_image(image_path)
-    assert engine.reply(state, q1) == a1 and engine.reply(state, q2) == a2
-    assert state.history == list(TURNS[:2])
+    engine = engine_from_args(parser.parse_args(argv))  # what web.main serves
+    assert web.demo_title(engine) == "VPGTrans chat (toy:llama)"
+    state = web.on_upload(engine, image_path, None)[0]
+    for q in (q1, q2):
+        state, chat, box, status = web.on_message(engine, q, state)
+        assert box == "" and "Error" not in status
+    assert chat == [{"role": "user", "content": q1}, {"role": "assistant", "content": a1},
+                    {"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+
+
+def test_chat_leaves_out_old_turns_that_do_not_fit(trained, caplog):
+    """A history over the LLM's context: turn 2 is left out (turn 1 holds the image), and the
+    prompt is the training layout of turns 1 and 3."""
+    model, _, image, _, _, _ = trained
+    (q1, a1), (q2, a2), (q3, _) = TURNS
+    short = len(model._conversation_row([TURNS[0], (q3, None)]))
+    assert len(model._conversation_row([TURNS[0], TURNS[1], (q3, None)])) > short
+    seen = []
+    hook = model.llm_model.get_base_model().register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(kwargs.get("inputs_embeds", None)), with_kwargs=True)
+    config = model.llm_model.config
+    limit = config.max_position_embeddings
+    config.max_position_embeddings = short + 4
+    try:
+        with caplog.at_level("INFO", logger="lavis_vpgtrans.models.blip2_transfer"):
+            model.chat(image, q3, history=[(q1, a1), (q2, a2)], max_new_tokens=4)
+        with pytest.raises(ValueError, match=r"the conversation is \d+ tokens \(image included\), over the LLM's "
+                                             r"context of 10"):
+            config.max_position_embeddings = 10
+            model.chat(image, q3, max_new_tokens=4)
+    finally:
+        config.max_position_embeddings = limit
+        hook.remove()
+    assert "leaving out turn 2 of 3" in caplog.text
+    assert [e.shape[1] for e in seen if e is not None] == [short]
 
 
 def test_chat_without_a_template_says_how_to_set_one(plugin):

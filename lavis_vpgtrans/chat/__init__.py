@@ -1,4 +1,4 @@
-"""VL-Vicuna chat: the terminal chat (`python -m lavis_vpgtrans.chat`) and the web demo
+"""VL-Vicuna chat (and blip2_causal_lm's, in its LLM's chat template): the terminal chat (`python -m lavis_vpgtrans.chat`) and the web demo
 (`python -m lavis_vpgtrans.chat.web`); the conversation template they share with training is
 models/conversation.py, the model loading models/loading.py (re-exported here).
 

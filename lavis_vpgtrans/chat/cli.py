@@ -1,7 +1,14 @@
-r"""Terminal chat with VL-Vicuna about an image.
+r"""Terminal chat with VL-Vicuna (or an instruction-tuned blip2_causal_lm) about an image.
 
     python -m lavis_vpgtrans.chat --model-type vl_vicuna7b --llm-model VICUNA_DIR \
         --checkpoint vl-vicuna.pth --image photo.jpg
+
+A blip2_causal_lm instruction-tuned on own_instruct (LLaVA-format conversations) chats in its
+LLM's own chat template, the one it trained in (the run's model.chat_template, if it set one,
+comes from the checkpoint):
+
+    python -m lavis_vpgtrans.chat --model blip2_causal_lm --model-type qwen2.5_7b \
+        --llm-model QWEN_INSTRUCT_DIR --checkpoint checkpoint_3.pth --image photo.jpg
 
 A checkpoint of a run with LoRA adapters on the LLM (llm_lora) loads with that run's llm_lora;
 `--options llm_quantization.bits=4` (or 8) puts the LLM in 4-bit (8-bit) for a smaller GPU.

@@ -3,6 +3,9 @@ r"""Web demo of VL-Vicuna (Gradio): upload an image, then chat about it.
     python -m lavis_vpgtrans.chat.web --model-type vl_vicuna7b --llm-model VICUNA_DIR \
         --checkpoint vl-vicuna.pth [--host 127.0.0.1] [--port 7860] [--max-image-mb 10]
 
+A blip2_causal_lm instruction-tuned on own_instruct chats in its LLM's own chat template:
+`--model blip2_causal_lm --model-type qwen2.5_7b --llm-model QWEN_INSTRUCT_DIR --checkpoint CKPT`.
+
 It listens on 127.0.0.1 (this machine only) unless --host says otherwise; it has no
 authentication, so think before exposing it. Uploads over --max-image-mb are refused by the
 server before they reach the model, and a file that is not an image gets a clear message.
@@ -79,7 +82,14 @@ def on_reset(state: Optional[ChatState]) -> Tuple[Optional[ChatState], List[dict
     return state, [], READY.format(state.image_name)
 
 
-def build_demo(engine: ChatEngine, title: str = "VL-Vicuna"):
+def demo_title(engine: ChatEngine) -> str:
+    if hasattr(engine.model, "conv_template"):  # Blip2Vicuna
+        return "VL-Vicuna"
+    return f"VPGTrans chat ({os.path.basename(str(getattr(engine.model, 'llm_model_name', '')).rstrip('/'))})"
+
+
+def build_demo(engine: ChatEngine, title: Optional[str] = None):
+    title = title or demo_title(engine)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
     import gradio as gr
 

@@ -80,7 +80,14 @@ class StagePlan:
     activation_detail: Dict[str, float]
     fixed: float  # everything but the activations
     peak: float
-    phases: list = field(default_factory=list)  # (bytes, bytes per sample) of each candidate peak
+    phases: list = field(default_factory=list)  # (moment, bytes, bytes per sample) of each candidate peak
+
+    batch: int = 1
+
+    @property
+    def peak_at(self) -> str:
+        """The moment of the peak."""
+        return max(self.phases, key=lambda ph: ph[1] + ph[2] * self.batch)[0]
 
 
 def flag_config(value, defaults):
@@ -274,10 +281,11 @@ def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> St
     base = fixed - grads
     # (as the Q-Former's backward runs, its gradients replace its activations layer by layer: at
     # most all of one or all of the other, besides the base)
-    phases = [(base + kept_grads, per_sample), (base + grads, 0),
-              (base + kept_grads, vit_forward_peak(built["vit_dims"], 1, amp=setting.on_gpu))]
-    peak = max(base_ + b * per for base_, per in phases)
-    return StagePlan(stage, parts, info, rows, per_sample, act, fixed, peak, phases)
+    phases = [("the start of backward", base + kept_grads, per_sample),
+              ("all gradients made", base + grads, 0),
+              ("the ViT's forward", base + kept_grads, vit_forward_peak(built["vit_dims"], 1, amp=setting.on_gpu))]
+    peak = max(base_ + b * per for _, base_, per in phases)
+    return StagePlan(stage, parts, info, rows, per_sample, act, fixed, peak, phases, b)
 
 
 def _flat(cfg) -> dict:
@@ -296,7 +304,7 @@ def largest_batch(stage_plan: StagePlan, gpu_gib: float) -> int:
     """The largest batch whose every candidate peak fits the card."""
     room = card_bytes(gpu_gib)
     return max(0, min(int((room - base) // per) if per > 0 else (10 ** 9 if room >= base else 0)
-                      for base, per in stage_plan.phases))
+                      for _, base, per in stage_plan.phases))
 
 
 @dataclass

@@ -89,7 +89,7 @@ def format_plan(cfg, gpus: int = 1, gpu_gib: Optional[float] = None, title: str 
         osp = next(o for o in other.stages if o.stage == sp.stage)
         lines.append(f"  {'  activations with checkpointing ' + ('off' if other_ck is None else 'on'):<44}{'':>16} "
                      f"{_gib(osp.rows['activations'], unit)}")
-        lines.append(f"  {'planned peak (tensors)':<44}{'':>16} {_gib(sp.peak, unit)}  "
+        lines.append(f"  {'planned peak (tensors), at ' + sp.peak_at:<60} {_gib(sp.peak, unit)}  "
                      f"on the card: x{1 + ALLOCATOR_SLACK:.2f} + {CUDA_CONTEXT_GIB} GiB context = "
                      f"{sp.peak * (1 + ALLOCATOR_SLACK) / GIB + CUDA_CONTEXT_GIB:.2f} GiB")
     if gpu_gib is not None:

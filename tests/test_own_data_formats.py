@@ -250,11 +250,13 @@ def test_imagefolder_reads_metadata_jsonl(plugin, folder):
 # --------------------------------------------------------------------------- train.py / evaluate.py
 
 
-def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path):
+def test_shards_train_validate_twice_and_evaluate(plugin, shards, folder, tmp_path):
     """train.py: 4 iterations of 8 from img2dataset's shards (iteration-based, 2 DataLoader
     workers) mixed 3:1 by run.train_dataset_ratios with a second own_caption set, an imagefolder;
-    evaluate.py on its checkpoint: the imagefolder split scored against its references, the logged
-    metrics pycocoevalcap's on the generated captions."""
+    validated after each of its 2 inner epochs on a val split of the shards, each validation
+    captioning every sample once. evaluate.py on its checkpoint: the shards' val split and the
+    imagefolder's test split scored against their references, the logged metrics pycocoevalcap's
+    on the generated captions."""
     import yaml
 
     from lavis_vpgtrans.tasks.captioning import score_captions
@@ -264,13 +266,13 @@ def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path
         "model": {"model_type": "tiny_opt_small"},
         "datasets": {"own_caption": {
             "data_root": str(shards.root), "shuffle_buffer": 8, **small_images(),
-            "build_info": {"annotations": {"train": {"storage": shards.pattern},
-                                           "val": {"storage": str(folder.root)}}}},
+            "build_info": {"annotations": {"train": {"storage": shards.pattern}, "val": {"storage": shards.pattern},
+                                           "test": {"storage": str(folder.root)}}}},
             "photos": {"builder": "own_caption", "types": {"caption": "list"}, **small_images(),
                        "build_info": {"annotations": {"train": {"storage": str(folder.root)}}}}},
-        "run": {"iters_per_inner_epoch": 4, "max_iters": 4, "batch_size_train": 8, "batch_size_eval": 4,
+        "run": {"iters_per_inner_epoch": 2, "max_iters": 4, "batch_size_train": 8, "batch_size_eval": 8,
                 "num_workers": 2, "warmup_steps": 1, "init_lr": 1e-4, "num_beams": 1, "max_len": 6, "min_len": 1,
-                "amp": False, "valid_splits": [], "test_splits": [], "device": "cpu", "distributed": False,
+                "amp": False, "valid_splits": ["val"], "test_splits": [], "device": "cpu", "distributed": False,
                 "output_dir": str(tmp_path / "out"), "job_id": "train", "caption_metrics": ["Bleu", "CIDEr"],
                 "spice": False, "train_dataset_ratios": {"own_caption": 0.75, "photos": 0.25}},
     }
@@ -279,19 +281,48 @@ def test_shards_train_and_imagefolder_evaluates(plugin, shards, folder, tmp_path
         yaml.safe_dump(config, f)
     out = run([sys.executable, os.path.join(REPO, "train.py"), "--cfg-path", str(path)], cwd=tmp_path)
     assert re.search(r"own_caption train: a stream of 3 shard\(s\)", out)
+    assert re.search(r"own_caption val: 32 samples in 3 shard\(s\).*ids their keys", out)
     assert "photos train: 20 samples" in out  # 4 images x 5 references
-    assert re.search(r"Train: data epoch: \[0\]; inner epoch \[0\]\s+\[3/4\]", out), out[-3000:]
+    assert re.search(r"Train: data epoch: \[1\]; inner epoch \[1\]\s+\[1/2\]", out), out[-3000:]
+    refs = {key: [sample["txt"]] for key, sample in shard_samples(shards.root).items()}
+    for epoch in (0, 1):  # the second validation finds every sample again
+        ids = [r["image_id"] for r in result_file(tmp_path / "out" / "train" / "result", f"val_epoch{epoch}")]
+        assert sorted(ids) == sorted(refs), epoch
     run([sys.executable, os.path.join(REPO, "evaluate.py"), "--cfg-path", str(path),
-         "--ckpt", str(tmp_path / "out" / "train" / "checkpoint_0.pth"),
-         "--options", "run.job_id=eval", "run.test_splits=[val]"], cwd=tmp_path)
+         "--ckpt", str(tmp_path / "out" / "train" / "checkpoint_1.pth"),
+         "--options", "run.job_id=eval", "run.valid_splits=[]", "run.test_splits=[val,test]"], cwd=tmp_path)
     with open(tmp_path / "out" / "eval" / "evaluate.txt") as f:
         metrics = {k: v for line in f for k, v in json.loads(line).items()}
-    preds = {r["image_id"]: r["caption"] for r in result_file(tmp_path / "out" / "eval" / "result", "val_")}
-    assert sorted(preds) == [1, 2, 3, 4]
-    expected = score_captions(dict(enumerate(folder.refs, start=1)), preds, spice=False,
-                              metrics_to_run=["Bleu", "CIDEr"])
-    for name in ("Bleu_1", "Bleu_4", "CIDEr"):
-        assert metrics["val"][name] == pytest.approx(expected[name], abs=1e-9), name
+    for split, split_refs in (("val", refs), ("test", dict(enumerate(folder.refs, start=1)))):
+        preds = {r["image_id"]: r["caption"] for r in result_file(tmp_path / "out" / "eval" / "result", f"{split}_")}
+        assert sorted(preds) == sorted(split_refs), split
+        expected = score_captions(split_refs, preds, spice=False, metrics_to_run=["Bleu", "CIDEr"])
+        for name in ("Bleu_1", "Bleu_4", "CIDEr"):
+            assert metrics[split][name] == pytest.approx(expected[name], abs=1e-9), (split, name)
+
+
+def test_vqa_shards_train_and_evaluate(plugin, shards, tmp_path):
+    """own_vqa from img2dataset's shards (question / answer in each sample's json): train.py one
+    iteration; evaluate.py's VQA accuracy on a val split of the shards equals the official
+    formula computed here on the generated answers (one answer: exact match after VQAEval's
+    normalisation), question ids img2dataset's keys."""
+    from lavis.common.vqa_tools.vqa_eval import VQAEval
+
+    config = write_config(tmp_path / "vqa.yaml", "vqa_json.yaml", "own_vqa", shards.root,
+                          splits(train=shards.pattern, val=shards.pattern), None, iters_per_inner_epoch=1,
+                          max_iters=1, num_workers=1)
+    out, metrics, results = train_and_evaluate(config, tmp_path, ["val"])
+    assert re.search(r"own_vqa val: 32 samples in 3 shard\(s\)", out)
+    answers = {r["question_id"]: r["answer"] for r in result_file(results, "val_vqa_result")}
+    truth = {key: json.loads(sample["json"])["answer"] for key, sample in shard_samples(shards.root).items()}
+    assert sorted(answers) == sorted(truth)
+    tool = VQAEval()
+
+    def norm(text):
+        return tool.processDigitArticle(tool.processPunctuation(text.replace("\n", " ").strip()))
+
+    right = [float(norm(answers[key]) == norm(answer)) for key, answer in truth.items()]
+    assert metrics["val"]["acc"] == pytest.approx(round(100 * sum(right) / len(right), 2), abs=1e-9)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -108,7 +108,8 @@ def _verdict(plan, setting, gpu_gib, accum, gpus) -> List[str]:
         if largest >= 1:
             keep = math.ceil(setting.batch * accum / largest)
             out.append(f"  the largest batch that fits is {largest}: run.batch_size_train={largest} "
-                       f"run.accum_grad_iters={keep} keeps the effective batch ({largest * keep * gpus})")
+                       f"run.accum_grad_iters={keep} gives an effective batch of {largest * keep * gpus} "
+                       f"(the config's: {setting.batch * accum * gpus})")
         else:
             out.append("  no batch fits with these settings")
     if plan.alternatives:

@@ -238,9 +238,11 @@ def test_instruction_tuning_one_epoch_through_train_py(plugin, toy_zoo, tmp_path
     assert isinstance(first, str) and isinstance(second, str) and "###" not in first + second
 
 
-def test_example_config_builds_its_documented_layout(plugin, toy_zoo, tmp_path):
-    """projects/own_data/instruct_llava.yaml (no absolute paths) passes train.py's config check
-    and builds from the layout its comments document (the two-turn example record)."""
+@pytest.mark.parametrize("name", ["instruct_llava.yaml", "instruct_llava_causal_lm.yaml"])
+def test_example_config_builds_its_documented_layout(plugin, toy_zoo, tmp_path, name):
+    """projects/own_data/instruct_llava.yaml (VL-Vicuna) and instruct_llava_causal_lm.yaml (a chat
+    LLM's own template), no absolute paths, pass train.py's config check and build from the
+    layout their comments document (the two-turn example record)."""
     import argparse
     import re
     import shutil
@@ -251,7 +253,7 @@ def test_example_config_builds_its_documented_layout(plugin, toy_zoo, tmp_path):
     from lavis_vpgtrans.common.config import PluginConfig, check_config
     from lavis_vpgtrans.runners import launch
 
-    path = os.path.join(REPO, "projects", "own_data", "instruct_llava.yaml")
+    path = os.path.join(REPO, "projects", "own_data", name)
     assert not re.search(r":\s+['\"]?[/~]", OmegaConf.to_yaml(OmegaConf.load(path))), "absolute paths in a config"
     os.makedirs(tmp_path / "images" / "photos")
     shutil.copy(os.path.join(toy_zoo, "instruct", "image", "1.jpg"), tmp_path / "images" / "photos" / "0001.jpg")

@@ -24,11 +24,14 @@ Each annotation file of a split is read in its own format, from its name or `for
              detected by the metadata file; split directories as HF names them; default caption
              column "text", as HF documents it)
   webdataset   tar shards as img2dataset writes them (KEY.jpg, KEY.txt, KEY.json), given as brace
-             patterns or globs (`shards/{00000..00009}.tar`): a training split only, streamed
-             (shard_stream.py: never the whole set in memory; iteration-based runs). keys name a
-             member by extension (default image "jpg;png;jpeg;webp", caption "txt") or a key of
-             the json as "json.<key>" (own_vqa: "json.question", "json.answer"); `shuffle_buffer`
-             samples are shuffled in a buffer (default 1000)
+             patterns or globs (`shards/{00000..00009}.tar`), streamed (shard_stream.py: never the
+             whole set in memory). Training: an endless shuffled stream (iteration-based runs;
+             `shuffle_buffer` samples shuffled in a buffer, default 1000). Evaluation: one ordered
+             pass per validation, each sample once across ranks; the samples are counted and the
+             ground truth read in one pass over the text members at build time, each sample's id
+             its key (img2dataset's keys are numbers). keys name a member by extension (default
+             image "jpg;png;jpeg;webp", caption "txt") or a key of the json as "json.<key>"
+             (own_vqa: "json.question", "json.answer")
 
 Dataset config keys (besides LAVIS's processors and build_info.annotations.<split>.storage, a
 file or a list of files, absolute or relative to `data_root`):
@@ -57,8 +60,10 @@ an error too, or, with `run.skip_bad_samples`, skipped and counted (runner_base.
 Evaluation splits never skip. Shards name the shard file and the sample key (shard_stream.py).
 
 Evaluation: image ids number a split's distinct images from 1 in record order (the records of
-one image are grouped, all their captions references), question ids its questions from 1; the
-generated ground truth names each one's file and record. It is written, named by its content,
+one image are grouped, all their captions references), question ids its questions from 1 (shards:
+each sample an image / a question, its id the sample's key where every key is a distinct number,
+else numbered from 1 in shard order); the generated ground truth names each one's file and record
+(shards: the shard and key). run.question_subset needs records. It is written, named by its content,
 under <cache_root>/own_data/ (LAVIS's cache root; the path is logged). Parquet files and
 imagefolders are converted once into HF's arrow cache under <cache_root>/hf_datasets/ (an
 imagefolder's images stay files: the cache holds their paths).

@@ -1,4 +1,5 @@
-"""Your own data as webdataset shards, as img2dataset writes them: a training stream.
+"""Your own data as webdataset shards, as img2dataset writes them: a training stream
+(ShardStream) and an evaluation split (ShardEvalSet).
 
 A shard is a tar of samples grouped by key (`0000001.jpg`, `0000001.txt`, `0000001.json`: the
 image, its caption, img2dataset's metadata with the caption and the url). The shards of a split
@@ -12,13 +13,18 @@ fewer shards than slots; a warning says so); samples are shuffled in a buffer of
 run.max_iters), alone or mixed by run.train_dataset_ratios. It is a webdataset DataPipeline, so
 LAVIS's and this plugin's loaders iterate it as they do LAION's shards.
 
+An evaluation split reads its shards once at build time for their text members only (the images
+are passed over in the tar stream): the sample count, per-sample ids (img2dataset's keys) and the
+ground truth. Each iteration is then one ordered pass, every sample once across ranks and
+DataLoader workers (runners/loaders.py gives it a DataLoader that is iterated afresh each time).
+
 Fields: `keys.<field>` names a member of the sample by its extension (`txt`; alternatives joined
 by ";": the image's default `jpg;png;jpeg;webp`), or a key of its JSON metadata as `json.<key>`
 (`json.caption`, LAION-COCO's `json.top_caption`). The tar reading is webdataset's.
 
 Bad input stops with an error naming the shard file and the sample key: an image that cannot be
 read or a sample without one (with run.skip_bad_samples: skipped, warned and counted per epoch
-like any unreadable training image), a missing member or JSON key (listing what the sample has),
+like any unreadable training image; an evaluation split never skips), a missing member or JSON key (listing what the sample has),
 a list where a string is configured, a shard that is not a tar, a pattern matching no file,
 shards without samples.
 """

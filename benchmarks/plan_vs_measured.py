@@ -7,6 +7,8 @@ embeddings are 512 wide, projected to its 1024-wide layers, and the VL-LLMs' pro
 for config.hidden_size, as LAVIS's blip2_opt does: such a model does not run.)
 
     python benchmarks/plan_vs_measured.py [--batches 4,16] [--sizes toy,vpg,opt-125m,opt-1.3b] [--out FILE.md]
+    python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/plan_vs_measured.py --ddp \
+        --sizes toy [--out FILE.md]      # per rank of a DDP run (gloo), its gradient buckets included
 
 Prints a markdown table: weights (planned = measured, exactly), gradients, AdamW state, and the
 peak of the step (planned / measured). The plan is an upper bound by design: it counts every
@@ -66,7 +68,14 @@ def main(argv=None):
     parser.add_argument("--batches", default="4,16", help="batch sizes (OPT-1.3B: the first only)")
     parser.add_argument("--sizes", default="toy,vpg,opt-125m,opt-1.3b")
     parser.add_argument("--out", default=None, help="also write the table to this markdown file")
+    parser.add_argument("--ddp", action="store_true", help="under torchrun: each rank of a DDP run (gloo)")
     args = parser.parse_args(argv)
+    rank0 = True
+    if args.ddp:
+        import torch.distributed as dist
+
+        dist.init_process_group("gloo")
+        rank0 = dist.get_rank() == 0
 
     import lavis_vpgtrans  # noqa: F401  registers the models
     from lavis.common.registry import registry
@@ -86,7 +95,7 @@ def main(argv=None):
             cls = registry.get_model_class(arch)
             cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path(model_type)).model, overrides)
             for stage, batch in [(st, b) for b in (batches[:1] if "1.3B" in label else batches) for st in (1, 2)]:
-                r = plan_vs_measured(arch, cfg, batch, stage)
+                r = plan_vs_measured(arch, cfg, batch, stage, ddp=args.ddp)
                 p, m = r["planned"], r["measured"]
                 if p["weights"] != m["weights"] or p["gradients"] != m["gradients"] or p["optimizer"] != m["optimizer"]:
                     raise AssertionError(f"{label} stage {stage}: planned {p} != measured {m}")
@@ -97,9 +106,14 @@ def main(argv=None):
                 row = (f"| {label} | {cfg.llm_precision} | {stage} | {batch} | {m['weights'] / MIB:.2f} "
                        f"| {m['gradients'] / MIB:.2f} | {m['optimizer'] / MIB:.2f} | {p['peak'] / MIB:.1f} "
                        f"| {m['peak'] / MIB:.1f} | {ratio:.3f} | {above:.3f} |")
+                if args.ddp:
+                    row = row.replace(f"| {label} |", f"| {label}, DDP rank 0 of {dist.get_world_size()} |", 1)
                 rows.append(row)
-                print(row, flush=True)
+                if rank0:
+                    print(row, flush=True)
     table = "\n".join(rows)
+    if not rank0:
+        return
     print(f"\nlargest deviation of the planned peak from the measured one: {worst:.1%}")
     if args.out:
         with open(args.out, "w") as f:

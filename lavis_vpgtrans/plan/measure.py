@@ -75,7 +75,7 @@ def _storage_bytes(tensors) -> int:
     return total
 
 
-def measure_training_steps(model, samples, steps: int = 2, lr: float = 1e-5) -> dict:
+def measure_training_steps(model, samples, steps: int = 2, lr: float = 1e-5, wrap=None) -> dict:
     """Bytes of a training step as LAVIS's loop runs it (forward, backward, AdamW step, gradients
     set to None), measured over the last of `steps` steps, so that the optimizer state exists as in
     every step after the first. Returns weights (parameters + buffers), gradients, optimizer state,
@@ -91,6 +91,8 @@ def measure_training_steps(model, samples, steps: int = 2, lr: float = 1e-5) -> 
     weights = tracker.current
     grads = optimizer_state = 0
     with tracker:
+        if wrap is not None:  # e.g. DDP, whose gradient buckets are allocated when it wraps
+            model = wrap(model)
         for step in range(steps):
             if step == steps - 1:
                 tracker.reset_peak()
@@ -116,9 +118,11 @@ def long_text_samples(batch: int, image_size: int, encoder_decoder: bool, seed: 
     return samples
 
 
-def plan_vs_measured(arch: str, model_cfg, batch: int, stage: int, steps: int = 2, seed: int = 0) -> dict:
+def plan_vs_measured(arch: str, model_cfg, batch: int, stage: int, steps: int = 2, seed: int = 0,
+                     ddp: bool = False) -> dict:
     """One model config planned (weights.py / estimate.py, as on CPU: no autocast for the Q-Former)
-    and measured over a real training step of the model it builds, in stage 1 (projector) or 2."""
+    and measured over a real training step of the model it builds, in stage 1 (projector) or 2;
+    `ddp`: this rank of a DDP run (torch.distributed initialised, gloo), planned per rank."""
     from lavis.common.registry import registry
 
     from lavis_vpgtrans.plan.estimate import Setting, make_plan
@@ -127,8 +131,15 @@ def plan_vs_measured(arch: str, model_cfg, batch: int, stage: int, steps: int = 
     model = registry.get_model_class(arch).from_config(model_cfg)
     model.set_trainable(train_vpg=stage == 2)
     samples = long_text_samples(batch, int(model_cfg.get("image_size", 224)), model.is_encoder_decoder, seed)
-    measured = measure_training_steps(model, samples, steps=steps)
-    plan = make_plan(model_cfg, Setting(batch=batch, amp_on_gpu=False, on_gpu=False), [stage], alternatives=False)
+    gpus, wrap = 1, None
+    if ddp:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        gpus, wrap = dist.get_world_size(), DistributedDataParallel
+    measured = measure_training_steps(model, samples, steps=steps, wrap=wrap)
+    plan = make_plan(model_cfg, Setting(batch=batch, gpus=gpus, amp_on_gpu=False, on_gpu=False), [stage],
+                     alternatives=False)
     sp = plan.stages[0]
     planned = dict(weights=sum(p.bytes for p in sp.parts), gradients=sp.rows["gradients (fp32)"],
                    optimizer=sp.rows["AdamW state (fp32 m, v)"], peak=sp.peak, activations=sp.rows["activations"])

@@ -24,7 +24,7 @@ q = num_query_token, text = max_txt_len, T = q + text tokens through a decoder-o
                  Flan-T5      T5LayerNorm's fp32 copy (+ its input below fp32), q, k, v, the
                               attention probabilities (eager: fp32 and in s, per head and key),
                               the gated MLP; the decoder's cross-attention keys and values
-                 int8         Linear8bitLt keeps each linear's input as well (+3h s, +f s gated)
+                 int8         Linear8bitLt keeps its inputs: +3h s_res (+f s_res gated)
                  LoRA         each adapter's dropout output (+ mask) and its r-wide middle
                run.activation_checkpointing.llm: one hidden state per layer and token, plus one
                layer recomputed in backward. Backward's working set: the hidden states' gradients
@@ -81,7 +81,6 @@ class StagePlan:
     fixed: float  # everything but the activations
     peak: float
     phases: list = field(default_factory=list)  # (moment, bytes, bytes per sample) of each candidate peak
-
     batch: int = 1
 
     @property
@@ -110,8 +109,10 @@ def stages_of(cfg) -> List[int]:
     return [2] if cfg.model_cfg.get("train_vpg", True) else [1]
 
 
-def llm_activations(info, batch: int, q: int, text: int, output_text: int, checkpointing: bool) -> Dict[str, float]:
-    """Bytes the LLM keeps for backward (per component), and the transient at the start of backward."""
+def llm_activations(info, batch: int, q: int, text: int, output_text: int, checkpointing: bool,
+                    mask_bytes: int = 1) -> Dict[str, float]:
+    """Bytes the LLM keeps for backward (per component), and the transient at the start of backward
+    (`mask_bytes`: of a dropout mask element, the adapters' only dropout: bool on CUDA, fp32 on CPU)."""
     s_llm = info.llm_dtype_bytes
     quant = info.quant
     s = DTYPE_BYTES[quant["compute_dtype"]] if quant and quant["bits"] == 4 else s_llm  # matmul outputs
@@ -150,12 +151,10 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
         else:
             per_token = 8 * h + 4 * h * s + 3 * f * s_mlp + 8 + 4 * a
         if quant and quant["bits"] == 8:
-            # Linear8bitLt keeps its fp16 input: the layer's distinct inputs when they are fp16 already,
-            # else a cast copy per linear layer (q, k, v, o; fc1 / gate, up; fc2 / down)
-            if s_res == 2 and info.llm_dtype_bytes == 2 and not info.qlora and s_llm_is_fp16(info):
-                per_token += (3 * h + (f if info.gated else 0)) * 2
-            else:
-                per_token += ((5 * h + f) if not info.gated else (6 * h + f)) * 2
+            # Linear8bitLt keeps each linear layer's input (not its fp16 cast): the layer's distinct
+            # inputs not kept otherwise, the two normed hidden states and attention's output, and
+            # the gated MLP's product (ReLU's output is kept already)
+            per_token += (3 * h + (f if info.gated else 0)) * s_res
         layer = n * per_token
         if checkpointing:
             out["LLM layers (checkpointed)"] = info.layers * n * h * s_res + layer
@@ -167,9 +166,9 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
         out["hidden-state gradients (transient)"] = 2 * n * h * s_res  # the one arriving and the one leaving a layer
     if info.lora_rank_total:
         lora_tokens = tokens if not info.encoder_decoder else batch * (q + text + output_text + 1) / 2
-        mask = 1 if info.lora_dropout > 0 else 0
+        dropout = info.lora_dropout > 0
         # each adapter's dropout output (in the residual stream's dtype) and mask, and its r-wide middle
-        kept = lora_tokens * (info.lora_in_total * ((s_res if mask else 0) + mask) + info.lora_rank_total * s)
+        kept = lora_tokens * (info.lora_in_total * ((s_res + mask_bytes) if dropout else 0) + info.lora_rank_total * s)
         out["LoRA adapters"] = kept / (1 if not checkpointing else max(1, info.layers + info.decoder_layers))
     out["log-probabilities (fp32)"] = tokens * V * LOGSOFTMAX_KEPT
     out["loss backward (transient)"] = tokens * V * LOSS_BACKWARD_EXTRA
@@ -183,10 +182,6 @@ def text_tokens(model_cfg) -> int:
     if model_cfg.get("conv_template", None):
         text += int(model_cfg.get("max_output_txt_len", None) or 32)
     return text
-
-
-def s_llm_is_fp16(info) -> bool:
-    return getattr(info, "llm_precision", "fp16") == "fp16"
 
 
 def qformer_activations(d, batch: int, image_tokens: int, vit_width: int, trains: bool, checkpointing: bool,
@@ -261,7 +256,7 @@ def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> St
     text = int(setting.text_len or text_tokens(model_cfg))
     output_text = int(model_cfg.get("max_output_txt_len", None) or text)
     act = {}
-    act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm"))))
+    act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm")), mask_bytes=1 if setting.on_gpu else 4))
     act.update(qformer_activations(built["qformer_dims"], 1, built["vit_dims"]["tokens"], built["vit_dims"]["width"],
                                    trains=stage == 2, checkpointing=bool(ck.get("qformer")), amp=setting.amp_on_gpu,
                                    mask_bytes=1 if setting.on_gpu else 4))

@@ -1,19 +1,21 @@
 """Peak host memory per rank when run.fsdp shards the LLM: every rank loading the whole LLM (the
 path before, `--modes every_rank_loads`) against ranks but 0 building it without weights and
-taking their shards from rank 0 (`lavis_vpgtrans.common.sharding.llm_weights_from_rank0`, what
-runners/launch.py does for run.fsdp).
+taking their shards from rank 0 (`--modes from_rank0`: `lavis_vpgtrans.common.sharding.
+llm_weights_from_rank0`, what runners/launch.py does for run.fsdp).
 
     python benchmarks/fsdp_host_memory.py [--hidden 1024 --layers 24 --ffn 4096] [--nproc 2]
-                                          [--modes every_rank_loads from_rank0] [--json out.json]
+        [--modes every_rank_loads from_rank0] [--llm-precision fp32] [--malloc-mmap-threshold 1048576]
+        [--json out.json]
 
 Builds a random-weight LLM with OPT-350M's blocks (hidden 1024, 24 layers, ffn 4096; the toy zoo's
 tokenizer, so a small vocabulary) in fp32 as a `save_pretrained` directory, then in each mode runs
-`blip2_opt_transfer` on it (toy ViT and Q-Former) in `--nproc` gloo processes on CPU: build the
-model, shard it (`sharding.shard_model`), one training step. Per rank it prints the resident
-memory after the imports, the peak (VmHWM, the kernel's high-water mark of the resident set: what
-a node must have) and the LLM bytes held. The modes must end with the same weights: each rank's
-LLM shards and the trained parameters are hashed and compared between the modes.
-Figures vary with the machine and its load (printed: `uptime`); not a CI test.
+`blip2_opt_transfer` on it (toy ViT and Q-Former; llm_precision `--llm-precision`) in `--nproc` gloo processes
+on CPU: build the model, shard it (`sharding.shard_model`), one training step. Per rank it prints
+the resident memory after the imports and the peak (VmHWM, the kernel's high-water mark of the
+resident set, file-backed pages of the mmapped safetensors included) through build + sharding and
+through the step. The modes must end with the same weights: each rank's LLM shards and the trained
+parameters are hashed and compared between the modes.
+Figures vary with the machine, glibc's allocator and the load (printed: `uptime`); not a CI test.
 """
 
 import argparse
@@ -63,7 +65,7 @@ def digest(tensors):
     return h.hexdigest()
 
 
-def worker(llm_dir, mode, out_path):
+def worker(llm_dir, mode, out_path, precision):
     import torch.distributed as dist
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
@@ -76,7 +78,7 @@ def worker(llm_dir, mode, out_path):
     baseline_kib = status_kib("VmRSS")
     cls = registry.get_model_class("blip2_opt_transfer")
     cfg = OmegaConf.merge(OmegaConf.load(cls.default_config_path("tiny_opt_large")).model,
-                          {"llm_model": llm_dir, "llm_precision": "fp32", "train_vpg": True})
+                          {"llm_model": llm_dir, "llm_precision": precision, "train_vpg": True})
     torch.manual_seed(rank)  # as LAVIS seeds ranks: shard_model makes them agree
     with sharding.llm_weights_from_rank0(mode == "from_rank0"):
         model = cls.from_config(cfg)
@@ -84,6 +86,8 @@ def worker(llm_dir, mode, out_path):
     phases = {"built": (status_kib("VmRSS"), status_kib("VmHWM"))}
     model = sharding.shard_model(model, sharding.ShardingConfig())
     phases["sharded"] = (status_kib("VmRSS"), status_kib("VmHWM"))
+    # what is resident now: the mapped safetensors' pages (page cache, shared by the ranks) and the rest
+    resident = {"file": status_kib("RssFile"), "anon": status_kib("RssAnon")}
     llm_bytes = sharding.local_bytes(model.llm_model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model.train()
@@ -100,9 +104,10 @@ def worker(llm_dir, mode, out_path):
     llm_local = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.llm_model.named_parameters()]
     record = {"rank": rank, "built_without_weights": built_empty, "baseline_rss_kib": baseline_kib,
               "peak_rss_kib": peak_kib, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-              "llm_bytes": llm_bytes, "loss": loss.item(), "llm_shards_sha256": digest(llm_local),
+              "llm_bytes": llm_bytes, "precision": precision, "loss": loss.item(),
+              "llm_shards_sha256": digest(llm_local),
               "trained_sha256": digest(sorted(trained.items())),
-              "phases_rss_hwm_kib": phases}
+              "phases_rss_hwm_kib": phases, "after_shard_rss_kib": resident}
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if rank == 0:
@@ -119,11 +124,18 @@ def main():
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     p.add_argument("--json", default=None, help="also write the figures here")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                   help="glibc's MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 1048576): allocations above it are "
+                        "mmapped and unmapped when freed, so the RSS follows what is held; by default glibc "
+                        "raises the threshold as large blocks are freed and keeps freed heap pages")
+    p.add_argument("--llm-precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="model.llm_precision; the files are fp32, so bf16 / fp16 make from_pretrained convert "
+                        "(a copy of its own on every rank that loads) where fp32 maps the files without a copy")
     p.add_argument("--worker", nargs=3, metavar=("LLM_DIR", "MODE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         torch.set_num_threads(1)
-        worker(*args.worker)
+        worker(*args.worker, args.llm_precision)
         return
 
     with tempfile.TemporaryDirectory(prefix="fsdp_host_") as tmp:
@@ -131,37 +143,48 @@ def main():
         n_params = build_llm(llm_dir, args.hidden, args.layers, args.ffn)
         size = sum(os.path.getsize(os.path.join(llm_dir, f)) for f in os.listdir(llm_dir) if f.endswith(".safetensors"))
         print(f"random-weight OPT LLM: {n_params / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of fp32 "
-              f"safetensors; {args.nproc} gloo processes")
+              f"safetensors, llm_precision {args.llm_precision}; {args.nproc} gloo processes; "
+              f"MALLOC_MMAP_THRESHOLD_="
+              f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}")
         results, loads = {}, {}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         for mode in args.modes:
             out = os.path.join(tmp, f"{mode}.json")
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={args.nproc}", os.path.abspath(__file__),
-                            "--worker", llm_dir, mode, out],
-                           check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            "--llm-precision", args.llm_precision, "--worker", llm_dir, mode, out],
+                           check=True, env=env)
             loads[mode] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             with open(out) as f:
                 results[mode] = json.load(f)
 
     gib = 2**20  # KiB per GiB
-    print("\n| mode | rank | built without weights | RSS after imports | peak RSS (VmHWM) | LLM bytes held |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| mode | rank | LLM built without weights | RSS after imports | peak RSS through build + shard_model "
+          "| peak RSS through one training step | LLM bytes held |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for mode, records in results.items():
         for r in records:
+            phases = r["phases_rss_hwm_kib"]
             print(f"| {mode} | {r['rank']} | {r['built_without_weights']} | {r['baseline_rss_kib'] / gib:.2f} GiB "
-                  f"| {r['peak_rss_kib'] / gib:.2f} GiB | {r['llm_bytes'] / 2**30:.2f} GiB |")
+                  f"| {phases['sharded'][1] / gib:.2f} GiB | {r['peak_rss_kib'] / gib:.2f} GiB "
+                  f"| {r['llm_bytes'] / 2**30:.2f} GiB |")
     for mode, load in loads.items():
         print(f"uptime after {mode}: {load}")
     summary = {}
     if set(MODES) <= set(results):
         before, after = results["every_rank_loads"], results["from_rank0"]
         for rank in range(1, args.nproc):
-            ratio = after[rank]["peak_rss_kib"] / before[rank]["peak_rss_kib"]
-            above = ((after[rank]["peak_rss_kib"] - after[rank]["baseline_rss_kib"])
-                     / (before[rank]["peak_rss_kib"] - before[rank]["baseline_rss_kib"]))
-            summary[f"rank{rank}_peak_ratio"], summary[f"rank{rank}_above_imports_ratio"] = ratio, above
-            print(f"rank {rank}: peak RSS from_rank0 / every_rank_loads = {ratio:.3f} "
-                  f"(above the RSS after imports: {above:.3f})")
+            b, a = before[rank], after[rank]
+            for phase in ("sharded", "trained"):
+                peak_b, peak_a = b["phases_rss_hwm_kib"][phase][1], a["phases_rss_hwm_kib"][phase][1]
+                ratio = peak_a / peak_b
+                above = (peak_a - a["baseline_rss_kib"]) / (peak_b - b["baseline_rss_kib"])
+                summary[f"rank{rank}_{phase}_peak_ratio"] = ratio
+                summary[f"rank{rank}_{phase}_above_imports_ratio"] = above
+                print(f"rank {rank}, peak through {'build + shard_model' if phase == 'sharded' else 'one step'}: "
+                      f"from_rank0 / every_rank_loads = {ratio:.2f} (above the RSS after imports: {above:.2f})")
         same = all(a["llm_shards_sha256"] == b["llm_shards_sha256"] and a["trained_sha256"] == b["trained_sha256"]
                    for a, b in zip(before, after))
         summary["same_weights"] = same

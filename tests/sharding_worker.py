@@ -99,6 +99,18 @@ def measure(family, checkpointing):
     train(resumed, resumed, data[2:], resumed_optimizer, first_step=2)
     final = sharding.full_trainable_state(resumed)
 
+    if family == "t5":
+        # fp16: from_pretrained keeps T5's `wo` in fp32, a build from the config does not; the
+        # ranks built empty take rank 0's dtypes
+        name, model_type = ARCH[family]
+        loaded = load_tiny(name, model_type, llm_precision="fp16").llm_model
+        with sharding.llm_weights_from_rank0():
+            half = sharding.shard_model(load_tiny(name, model_type, llm_precision="fp16"), cfg).llm_model
+        full = {n: sharding._full(p.detach()) for n, p in half.named_parameters()}
+        result["fp16_dtypes"] = sorted({str(p.dtype) for p in loaded.parameters()})
+        result["fp16_weights_differ"] = [n for n, p in loaded.named_parameters()
+                                         if full[n].dtype != p.dtype or not torch.equal(full[n], p)]
+
     result["max_abs_diff_vs_ddp"] = max((final[n] - replicated[n]).abs().max().item() for n in replicated)
     result["same_names"] = sorted(final) == sorted(replicated)
 

@@ -156,6 +156,7 @@ def llm_weights_deferred() -> bool:
 
 
 def has_meta_weights(module: nn.Module) -> bool:
+    """Whether some parameter or buffer of `module` has no storage (the meta device)."""
     return any(t.is_meta for t in list(module.parameters()) + list(module.buffers()))
 
 
@@ -270,7 +271,8 @@ def refuse_unshardable(model: nn.Module) -> None:
 
 def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
     """Applies `fully_shard` in place (FSDP2 changes the modules' classes, not their names, so
-    state-dict keys are unchanged) and returns the model."""
+    state-dict keys are unchanged) and returns the model. An LLM that ranks but 0 built without
+    weights (`llm_weights_from_rank0`) is filled from rank 0 on the way, block by block."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     refuse_unshardable(model)

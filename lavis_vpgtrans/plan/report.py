@@ -144,7 +144,7 @@ def main(argv=None):
     try:
         cfg = load_run_config(args.cfg_path, args.options)
         print(format_plan(cfg, args.gpus, args.gpu_gib, title=args.cfg_path))
-    except PlanError as e:
+    except (PlanError, FileNotFoundError, KeyError) as e:  # (the config's own checks raise the latter two)
         print(f"plan: {e}", file=sys.stderr)
         return 2
     return 0

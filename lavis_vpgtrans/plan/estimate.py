@@ -110,7 +110,7 @@ def stages_of(cfg) -> List[int]:
 
 
 def llm_activations(info, batch: int, q: int, text: int, output_text: int, checkpointing: bool,
-                    mask_bytes: int = 1) -> Dict[str, float]:
+                    mask_bytes: int = 1, lora_trains: bool = True) -> Dict[str, float]:
     """Bytes the LLM keeps for backward (per component), and the transient at the start of backward
     (`mask_bytes`: of a dropout mask element, the adapters' only dropout: bool on CUDA, fp32 on CPU)."""
     s_llm = info.llm_dtype_bytes
@@ -167,8 +167,12 @@ def llm_activations(info, batch: int, q: int, text: int, output_text: int, check
     if info.lora_rank_total:
         lora_tokens = tokens if not info.encoder_decoder else batch * (q + text + output_text + 1) / 2
         dropout = info.lora_dropout > 0
-        # each adapter's dropout output (in the residual stream's dtype) and mask, and its r-wide middle
-        kept = lora_tokens * (info.lora_in_total * ((s_res + mask_bytes) if dropout else 0) + info.lora_rank_total * s)
+        # training adapters keep their dropout's output (in the residual stream's dtype) and mask, and
+        # their r-wide middle; frozen ones (stage 1) only the mask, for the gradient to their input
+        if lora_trains:
+            kept = lora_tokens * (info.lora_in_total * ((s_res + mask_bytes) if dropout else 0) + info.lora_rank_total * s)
+        else:
+            kept = lora_tokens * info.lora_in_total * (mask_bytes if dropout else 0)
         out["LoRA adapters"] = kept / (1 if not checkpointing else max(1, info.layers + info.decoder_layers))
     out["log-probabilities (fp32)"] = tokens * V * LOGSOFTMAX_KEPT
     out["loss backward (transient)"] = tokens * V * LOSS_BACKWARD_EXTRA
@@ -256,7 +260,8 @@ def plan_stage(model_cfg, setting: Setting, stage: int, parts_cache: dict) -> St
     text = int(setting.text_len or text_tokens(model_cfg))
     output_text = int(model_cfg.get("max_output_txt_len", None) or text)
     act = {}
-    act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm")), mask_bytes=1 if setting.on_gpu else 4))
+    act.update(llm_activations(info, 1, q, text, output_text, bool(ck.get("llm")), mask_bytes=1 if setting.on_gpu else 4,
+                               lora_trains=stage == 2))
     act.update(qformer_activations(built["qformer_dims"], 1, built["vit_dims"]["tokens"], built["vit_dims"]["width"],
                                    trains=stage == 2, checkpointing=bool(ck.get("qformer")), amp=setting.amp_on_gpu,
                                    mask_bytes=1 if setting.on_gpu else 4))

@@ -34,7 +34,31 @@ def test_load_model_by_name(plugin, name, model_type):
 
     model = load_model(name, model_type)
     assert type(model).__name__.startswith("Blip2")
-    assert model.projector.out_features == model.llm_model.config.hidden_size
+    assert model.projector.out_features == model.llm_model.get_input_embeddings().embedding_dim
+
+
+def test_a_target_whose_embeddings_are_narrower_than_its_hidden_size(plugin, toy_zoo, tmp_path):
+    """OPT-350M's word embeddings are 512 wide under a hidden size of 1024 (project_in / project_out):
+    the projector maps to the embeddings' width, where the soft prompts enter (a projector to the
+    hidden size failed: "Expected size 1024 but got size 512"). A random OPT of that shape here."""
+    import os
+
+    from transformers import AutoConfig, AutoTokenizer, OPTForCausalLM
+
+    source = os.path.join(toy_zoo, "opt-small")
+    config = AutoConfig.from_pretrained(source)
+    config.update({"hidden_size": 2 * config.hidden_size, "ffn_dim": 2 * config.ffn_dim,
+                   "word_embed_proj_dim": config.hidden_size, "do_layer_norm_before": False})
+    torch.manual_seed(0)
+    OPTForCausalLM(config).save_pretrained(tmp_path / "opt")
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path / "opt")
+    model = load("blip2_opt_transfer", "tiny_opt_small", llm_model=str(tmp_path / "opt"))
+    assert model.projector.out_features == config.word_embed_proj_dim != config.hidden_size
+    images = torch.randn(2, 3, 32, 32)
+    loss = model({"image": images, "text_input": ["a red square", "a blue circle"]})["loss"]
+    loss.backward()
+    assert torch.isfinite(loss) and model.projector.weight.grad.abs().sum() > 0
+    assert len(model.generate({"image": images}, num_beams=1, max_length=3)) == 2
 
 
 def test_every_registered_name_has_a_tiny_type(plugin):

@@ -181,6 +181,12 @@ class FrozenLLM:
         self.llm_model = merged(self.llm_model)
         self.llm_lora = None
 
+    @property
+    def llm_input_width(self) -> int:
+        """The width of the LLM's input embeddings, which soft prompts must have: the hidden size,
+        except where the LLM projects its embeddings in (OPT-350M: 512-wide embeddings, hidden 1024)."""
+        return self.llm_model.get_input_embeddings().embedding_dim
+
     def maybe_autocast(self, dtype=None):
         """Autocast in `dtype` (default: the LLM's precision) on the model's device, CUDA or CPU,
         unless it is fp32: the ops of fp16 / bf16 weights run in that precision, the numerically

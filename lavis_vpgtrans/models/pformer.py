@@ -78,7 +78,7 @@ class PFormer(FrozenLLM, PluginModel, BaseModel):
         # text, BOS labels and LAVIS's config overrides): the reference prompt is the one that
         # makes the LLM produce the caption the way stage 2 trains it.
         self.init_llm(llm_model, llm_precision)
-        self.encoder = PFormerEncoder(bert_model, num_query_token, self.llm_model.config.hidden_size,
+        self.encoder = PFormerEncoder(bert_model, num_query_token, self.llm_input_width,
                                       prompt_width, max_txt_len)
         self.max_txt_len = max_txt_len
         self.max_output_txt_len = max_txt_len  # Flan-T5's decoder: the sentence, as many tokens

@@ -98,7 +98,7 @@ class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
         self.init_llm(llm_model, llm_precision, llm_config, end_sym, label_bos,
                       quantization=llm_quantization, lora=llm_lora)
         self.add_module(self.projector_name,
-                        nn.Linear(self.Qformer.config.hidden_size, self.llm_model.config.hidden_size))
+                        nn.Linear(self.Qformer.config.hidden_size, self.llm_input_width))
 
         self.prompt = prompt
         self.vqa_prompt = vqa_prompt
@@ -116,7 +116,7 @@ class Blip2VLLLM(FrozenLLM, LogLikelihoodScorer, Blip2PluginBase):
             # refused unless the P-Former was trained for this llm_model (or for the LLM that
             # pformer_llm_model states is the same one)
             self.pformer = load_frozen_pformer(pformer_model_type, pformer_checkpoint, num_query_token,
-                                               llm_width=self.llm_model.config.hidden_size, llm_model=llm_model,
+                                               llm_width=self.llm_input_width, llm_model=llm_model,
                                                pformer_llm_model=pformer_llm_model)
         self.set_trainable(train_vpg)
 

@@ -81,6 +81,7 @@ class LLMInfo:
     lora_in_total: int = 0  # in_features summed over every adapted linear layer
     quant: Optional[dict] = None
     qlora: bool = False
+    embed: int = 0  # input-embedding width, the soft prompts' (0: hidden; OPT-350M: 512 under hidden 1024)
     llm_dtype_bytes: int = 2
     inner: int = 0  # T5: heads x d_kv (the attention's width)
     llm_precision: str = "fp16"
@@ -410,7 +411,8 @@ def _llm_info(config, source) -> LLMInfo:
     ffn = getattr(config, "intermediate_size", None) or getattr(config, "ffn_dim", None)
     return LLMInfo(config.model_type, False, config.hidden_size, config.num_hidden_layers, 0, heads,
                    getattr(config, "num_key_value_heads", None) or heads, ffn, config.vocab_size,
-                   gated=config.model_type != "opt", rms_norm=config.model_type != "opt", source=source)
+                   gated=config.model_type != "opt", rms_norm=config.model_type != "opt", source=source,
+                   embed=getattr(config, "word_embed_proj_dim", None) or 0)
 
 
 def model_parts(model_cfg, stage: int) -> Dict[str, object]:
@@ -419,8 +421,9 @@ def model_parts(model_cfg, stage: int) -> Dict[str, object]:
     vit, vit_dims = vit_part(model_cfg)
     ln, qformer, q_dims = qformer_parts(model_cfg, vit_dims["width"])
     llm, lora, info = llm_part(model_cfg, stage_trains_lora=stage == 2)
-    projector = Part("projector", q_dims["hidden"] * info.hidden + info.hidden,
-                     (q_dims["hidden"] * info.hidden + info.hidden) * 4, "fp32 trainable")
+    width = info.embed or info.hidden  # the projector maps to the LLM's input embeddings
+    projector = Part("projector", q_dims["hidden"] * width + width, (q_dims["hidden"] * width + width) * 4,
+                     "fp32 trainable")
     projector.trainable_params = projector.params
     if stage == 2:
         for p in (ln, qformer):

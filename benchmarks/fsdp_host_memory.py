@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
@@ -65,7 +66,7 @@ def digest(tensors):
     return h.hexdigest()
 
 
-def worker(llm_dir, mode, out_path, precision):
+def worker(llm_dir, mode, out_path, precision, steps=1, glibc_threshold=False):
     import torch.distributed as dist
     from lavis.common.registry import registry
     from omegaconf import OmegaConf
@@ -73,6 +74,8 @@ def worker(llm_dir, mode, out_path, precision):
     import lavis_vpgtrans  # noqa: F401  registers the model classes
     from lavis_vpgtrans.common import sharding
 
+    if glibc_threshold:  # glibc's dynamic mmap threshold, as before shard_model fixed it (for comparison)
+        sharding.return_freed_host_memory = lambda: False
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     baseline_kib = status_kib("VmRSS")
@@ -93,13 +96,20 @@ def worker(llm_dir, mode, out_path, precision):
     model.train()
     g = torch.Generator().manual_seed(rank)
     samples = {"image": torch.randn(2, 3, 32, 32, generator=g), "text_input": ["a red square above a blue circle"] * 2}
-    torch.manual_seed(1000 + rank)
-    loss = model(samples)["loss"]
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    peak_kib = status_kib("VmHWM")
-    phases["trained"] = (status_kib("VmRSS"), peak_kib)
+    step_s, steps_hwm_kib = [], []
+    for step in range(steps):
+        torch.manual_seed(1000 * (step + 1) + rank)
+        dist.barrier()
+        start = time.perf_counter()
+        loss = model(samples)["loss"]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        step_s.append(time.perf_counter() - start)
+        steps_hwm_kib.append(status_kib("VmHWM"))
+        if step == 0:
+            peak_kib = steps_hwm_kib[0]
+            phases["trained"] = (status_kib("VmRSS"), peak_kib)
     trained = sharding.full_trainable_state(model)  # a collective, after the peak is read
     llm_local = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.llm_model.named_parameters()]
     record = {"rank": rank, "built_without_weights": built_empty, "baseline_rss_kib": baseline_kib,
@@ -107,7 +117,9 @@ def worker(llm_dir, mode, out_path, precision):
               "llm_bytes": llm_bytes, "precision": precision, "loss": loss.item(),
               "llm_shards_sha256": digest(llm_local),
               "trained_sha256": digest(sorted(trained.items())),
-              "phases_rss_hwm_kib": phases, "after_shard_rss_kib": resident}
+              "phases_rss_hwm_kib": phases, "after_shard_rss_kib": resident,
+              "host_mmap_threshold": sharding.host_mmap_threshold, "step_s": step_s,
+              "steps_hwm_kib": steps_hwm_kib}
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if rank == 0:
@@ -131,11 +143,17 @@ def main():
     p.add_argument("--llm-precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="model.llm_precision; the files are fp32, so bf16 / fp16 make from_pretrained convert "
                         "(a copy of its own on every rank that loads) where fp32 maps the files without a copy")
+    p.add_argument("--steps", type=int, default=1,
+                   help="training steps (the figures' \"step\" peak is through the first; each step's time "
+                        "and VmHWM are in the json)")
+    p.add_argument("--glibc-threshold", action="store_true",
+                   help="keep glibc's dynamic mmap threshold: shard_model does not fix it at 1 MiB "
+                        "(sharding.return_freed_host_memory), as before; to compare memory and step times")
     p.add_argument("--worker", nargs=3, metavar=("LLM_DIR", "MODE", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         torch.set_num_threads(1)
-        worker(*args.worker, args.llm_precision)
+        worker(*args.worker, args.llm_precision, args.steps, args.glibc_threshold)
         return
 
     with tempfile.TemporaryDirectory(prefix="fsdp_host_") as tmp:
@@ -145,7 +163,8 @@ def main():
         print(f"random-weight OPT LLM: {n_params / 1e6:.0f}M parameters, {size / 2**30:.2f} GiB of fp32 "
               f"safetensors, llm_precision {args.llm_precision}; {args.nproc} gloo processes; "
               f"MALLOC_MMAP_THRESHOLD_="
-              f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}")
+              f"{args.malloc_mmap_threshold if args.malloc_mmap_threshold is not None else 'unset'}; "
+              f"shard_model fixes glibc's mmap threshold: {not args.glibc_threshold}")
         results, loads = {}, {}
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         if args.malloc_mmap_threshold is not None:
@@ -154,7 +173,8 @@ def main():
             out = os.path.join(tmp, f"{mode}.json")
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                             f"--nproc_per_node={args.nproc}", os.path.abspath(__file__),
-                            "--llm-precision", args.llm_precision, "--worker", llm_dir, mode, out],
+                            "--llm-precision", args.llm_precision, "--steps", str(args.steps),
+                            *(["--glibc-threshold"] if args.glibc_threshold else []), "--worker", llm_dir, mode, out],
                            check=True, env=env)
             loads[mode] = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
             with open(out) as f:
@@ -170,6 +190,10 @@ def main():
             print(f"| {mode} | {r['rank']} | {r['built_without_weights']} | {r['baseline_rss_kib'] / gib:.2f} GiB "
                   f"| {phases['sharded'][1] / gib:.2f} GiB | {r['peak_rss_kib'] / gib:.2f} GiB "
                   f"| {r['llm_bytes'] / 2**30:.2f} GiB |")
+    for mode, records in results.items():
+        for r in records:
+            print(f"{mode}, rank {r['rank']}: mmap threshold fixed by shard_model: {r['host_mmap_threshold']}; "
+                  f"step times " + ", ".join(f"{t:.2f}" for t in r["step_s"]) + " s")
     for mode, load in loads.items():
         print(f"uptime after {mode}: {load}")
     summary = {}

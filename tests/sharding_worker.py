@@ -38,6 +38,21 @@ def batches(n, family):
     return out
 
 
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+def freed_buffer_returned_kib():
+    """How much of a 16 MiB host tensor's memory goes back to the OS when it is freed, after one
+    like it was freed before (glibc's dynamic threshold would now keep it in the heap)."""
+    torch.ones(4 << 20)  # allocated and freed at once
+    buffer = torch.ones(4 << 20)
+    held = rss_kib()
+    del buffer
+    return held - rss_kib()
+
+
 def train(model, wrapped, data, optimizer=None, first_step=0):
     optimizer = optimizer or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     model.train()
@@ -76,6 +91,11 @@ def measure(family, checkpointing):
     dist.all_gather_object(built_empty, sharding.has_meta_weights(empty.llm_model))
     result["llm_built_without_weights"] = built_empty
     model = sharded(empty)
+    # sharding on CPU fixed glibc's mmap threshold: freed FSDP buffers go back to the OS
+    thresholds = [None] * dist.get_world_size()
+    dist.all_gather_object(thresholds, sharding.host_mmap_threshold)
+    result["host_mmap_threshold"] = thresholds
+    result["freed_16mib_returned_kib"] = freed_buffer_returned_kib()
     result["llm_bytes_sharded"] = sharding.local_bytes(model.llm_model)
     # every LLM weight and buffer, gathered, is what from_pretrained loaded (the DDP model's)
     pretrained = dict(ddp_model.llm_model.named_parameters()) | dict(ddp_model.llm_model.named_buffers())

@@ -29,6 +29,9 @@ load_trained_state loads them into a sharded one by the same rules (`copy_full_i
 """
 
 import contextlib
+import ctypes
+import logging
+import sys
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, Optional
 
@@ -36,6 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+
+logger = logging.getLogger(__name__)
 
 # the model methods that run the LLM outside `forward`: FSDP must gather the root unit for them
 FORWARD_METHODS = ("generate", "predict_answers")
@@ -254,6 +259,37 @@ def apply_activation_checkpointing(model: nn.Module, cfg: CheckpointingConfig) -
 QUANTIZED_PARAM_CLASSES = ("Params4bit", "Int8Params")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+MMAP_THRESHOLD_BYTES = 1 << 20
+# set by return_freed_host_memory: the mmap threshold this process runs with (None: glibc's own)
+host_mmap_threshold: Optional[int] = None
+
+
+def return_freed_host_memory() -> bool:
+    """Sharded on CPU (gloo), FSDP's all-gather buffers are host tensors, allocated and freed per
+    block in every step. glibc raises its mmap threshold after each large free, so these buffers
+    come from the heap and stay in the RSS once freed: a non-zero rank's step peak climbed back
+    towards holding the whole LLM. A fixed 1 MiB threshold (which also turns the dynamic one off)
+    maps each large buffer and unmaps it when freed, as MALLOC_MMAP_THRESHOLD_=1048576 would. Once
+    per process; only on glibc. Returns whether the threshold is set."""
+    global host_mmap_threshold
+    if host_mmap_threshold is not None:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and others: no libc.so.6, or no mallopt
+        return False
+    if mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) != 1:
+        return False
+    host_mmap_threshold = MMAP_THRESHOLD_BYTES
+    logger.info("sharding on CPU: glibc's mmap threshold fixed at %d bytes, so freed FSDP buffers "
+                "go back to the OS (lavis_vpgtrans.common.sharding)", MMAP_THRESHOLD_BYTES)
+    return True
+
+
 def refuse_unshardable(model: nn.Module) -> None:
     """run.fsdp with a k-bit LLM (llm_quantization) or LoRA adapters on it (llm_lora): refused,
     naming the keys. FSDP2 flattens and shards parameters as plain tensors: bitsandbytes' packed
@@ -276,13 +312,15 @@ def shard_model(model: nn.Module, cfg: ShardingConfig, mesh=None) -> nn.Module:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     refuse_unshardable(model)
+    device = next(p.device for p in model.parameters() if not p.is_meta)
+    if device.type == "cpu":  # gloo: the all-gathers use host memory (on GPUs, GPU memory)
+        return_freed_host_memory()
     sync_from_rank0(model)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     llm_units = llm_blocks(model.llm_model) if cfg.shard_llm else []
     deferred = _deferred_llm(model)  # some rank built the LLM without weights (llm_weights_from_rank0)
     if deferred:
         _match_rank0_llm(model.llm_model)
-    device = next(p.device for p in model.parameters() if not p.is_meta)
     filled = set()
     for unit in llm_units:
         if deferred:  # one full block at a time on the ranks that built it empty, sharded at once

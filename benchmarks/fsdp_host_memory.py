@@ -5,7 +5,7 @@ llm_weights_from_rank0`, what runners/launch.py does for run.fsdp).
 
     python benchmarks/fsdp_host_memory.py [--hidden 1024 --layers 24 --ffn 4096] [--nproc 2]
         [--modes every_rank_loads from_rank0] [--llm-precision fp32] [--malloc-mmap-threshold 1048576]
-        [--json out.json]
+        [--steps 1] [--glibc-threshold] [--json out.json]
 
 Builds a random-weight LLM with OPT-350M's blocks (hidden 1024, 24 layers, ffn 4096; the toy zoo's
 tokenizer, so a small vocabulary) in fp32 as a `save_pretrained` directory, then in each mode runs
@@ -14,7 +14,9 @@ on CPU: build the model, shard it (`sharding.shard_model`), one training step. P
 the resident memory after the imports and the peak (VmHWM, the kernel's high-water mark of the
 resident set, file-backed pages of the mmapped safetensors included) through build + sharding and
 through the step. The modes must end with the same weights: each rank's LLM shards and the trained
-parameters are hashed and compared between the modes.
+parameters are hashed and compared between the modes. On glibc `shard_model` fixes the mmap threshold
+at 1 MiB (freed buffers leave the RSS); `--glibc-threshold` keeps glibc's dynamic one, as before, and
+`--steps N` times N steps (json: `step_s`, `steps_hwm_kib`), to compare the two.
 Figures vary with the machine, glibc's allocator and the load (printed: `uptime`); not a CI test.
 """
 
@@ -138,8 +140,9 @@ def main():
     p.add_argument("--json", default=None, help="also write the figures here")
     p.add_argument("--malloc-mmap-threshold", type=int, default=None,
                    help="glibc's MALLOC_MMAP_THRESHOLD_ for the workers (e.g. 1048576): allocations above it are "
-                        "mmapped and unmapped when freed, so the RSS follows what is held; by default glibc "
-                        "raises the threshold as large blocks are freed and keeps freed heap pages")
+                        "mmapped and unmapped when freed, so the RSS follows what is held (what shard_model now sets "
+                        "itself on CPU); left to itself glibc raises the threshold as large blocks are freed and "
+                        "keeps freed heap pages")
     p.add_argument("--llm-precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="model.llm_precision; the files are fp32, so bf16 / fp16 make from_pretrained convert "
                         "(a copy of its own on every rank that loads) where fp32 maps the files without a copy")

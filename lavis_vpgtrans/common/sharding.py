@@ -21,7 +21,9 @@ Host memory: with `run.fsdp` (shard_llm) every rank but rank 0 builds the LLM wi
 then puts the parameters on the meta device, buffers computed, ties kept), and `shard_model` fills
 each LLM block from rank 0 just before sharding it, then the LLM's other parts (embeddings, head,
 final norm) before the root unit: those ranks hold one full block at a time, never the whole LLM
-(benchmarks/fsdp_host_memory.py measures the peak RSS per rank).
+(benchmarks/fsdp_host_memory.py measures the peak RSS per rank). Sharded on CPU (gloo) under glibc,
+`shard_model` fixes malloc's mmap threshold at 1 MiB (`return_freed_host_memory`), so the FSDP
+buffers freed in every step go back to the OS rather than staying in the heap.
 
 Checkpoints stay trainable-parameters-only files of full tensors (`full_trainable_state`, a
 collective: every rank calls it), which load into an unsharded model; common/checkpoint.py's

@@ -16,7 +16,7 @@ resident set, file-backed pages of the mmapped safetensors included) through bui
 through the step. The modes must end with the same weights: each rank's LLM shards and the trained
 parameters are hashed and compared between the modes. On glibc `shard_model` fixes the mmap threshold
 at 1 MiB (freed buffers leave the RSS); `--glibc-threshold` keeps glibc's dynamic one, as before, and
-`--steps N` times N steps (json: `step_s`, `steps_hwm_kib`), to compare the two.
+`--steps N` times N steps (json: `step_s`, `steps_hwm_kib`, `step_minor_faults`), to compare the two.
 Figures vary with the machine, glibc's allocator and the load (printed: `uptime`); not a CI test.
 """
 
@@ -98,16 +98,17 @@ def worker(llm_dir, mode, out_path, precision, steps=1, glibc_threshold=False):
     model.train()
     g = torch.Generator().manual_seed(rank)
     samples = {"image": torch.randn(2, 3, 32, 32, generator=g), "text_input": ["a red square above a blue circle"] * 2}
-    step_s, steps_hwm_kib = [], []
+    step_s, steps_hwm_kib, step_minor_faults = [], [], []
     for step in range(steps):
         torch.manual_seed(1000 * (step + 1) + rank)
         dist.barrier()
-        start = time.perf_counter()
+        start, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         loss = model(samples)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
         step_s.append(time.perf_counter() - start)
+        step_minor_faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
         steps_hwm_kib.append(status_kib("VmHWM"))
         if step == 0:
             peak_kib = steps_hwm_kib[0]
@@ -121,7 +122,7 @@ def worker(llm_dir, mode, out_path, precision, steps=1, glibc_threshold=False):
               "trained_sha256": digest(sorted(trained.items())),
               "phases_rss_hwm_kib": phases, "after_shard_rss_kib": resident,
               "host_mmap_threshold": sharding.host_mmap_threshold, "step_s": step_s,
-              "steps_hwm_kib": steps_hwm_kib}
+              "steps_hwm_kib": steps_hwm_kib, "step_minor_faults": step_minor_faults}
     records = [None] * dist.get_world_size()
     dist.all_gather_object(records, record)
     if rank == 0:
@@ -196,7 +197,8 @@ def main():
     for mode, records in results.items():
         for r in records:
             print(f"{mode}, rank {r['rank']}: mmap threshold fixed by shard_model: {r['host_mmap_threshold']}; "
-                  f"step times " + ", ".join(f"{t:.2f}" for t in r["step_s"]) + " s")
+                  f"step times " + ", ".join(f"{t:.2f}" for t in r["step_s"]) + " s, minor page faults "
+                  + ", ".join(str(n) for n in r["step_minor_faults"]))
     for mode, load in loads.items():
         print(f"uptime after {mode}: {load}")
     summary = {}

@@ -33,6 +33,7 @@ load_trained_state loads them into a sharded one by the same rules (`copy_full_i
 import contextlib
 import ctypes
 import logging
+import os
 import sys
 from dataclasses import dataclass, fields
 from typing import Dict, Iterable, Optional
@@ -272,12 +273,13 @@ def return_freed_host_memory() -> bool:
     block in every step. glibc raises its mmap threshold after each large free, so these buffers
     come from the heap and stay in the RSS once freed: a non-zero rank's step peak climbed back
     towards holding the whole LLM. A fixed 1 MiB threshold (which also turns the dynamic one off)
-    maps each large buffer and unmaps it when freed, as MALLOC_MMAP_THRESHOLD_=1048576 would. Once
-    per process; only on glibc. Returns whether the threshold is set."""
+    maps each large buffer and unmaps it when freed, as MALLOC_MMAP_THRESHOLD_=1048576 would; the
+    price is page faults, each such buffer faulted in again every step. Once per process; only on
+    glibc, and not over a MALLOC_MMAP_THRESHOLD_ the user set. Returns whether it set the threshold."""
     global host_mmap_threshold
     if host_mmap_threshold is not None:
         return True
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

@@ -10,7 +10,7 @@ setup(
     packages=find_packages(include=["lavis_vpgtrans", "lavis_vpgtrans.*"]),
     package_data={"lavis_vpgtrans": ["**/*.yaml"]},
     python_requires=">=3.10",
-    # lmms-eval goes in its own environment layered over .venv: scripts/setup_lmms_env.sh says why
+    # lmms-eval goes in its own environment layered over .venv: scripts/setup_tools_env.sh says why
     extras_require={"lmms-eval": ["lmms-eval==0.7.3"]},
     entry_points={
         # "toy:<path>" in configs: the offline toy zoo (common/paths.py loads it on first use)

@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-bash scripts/setup_lmms_env.sh  # lmms-eval in .venv/lmms-eval, layered over .venv (tests/test_lmms_eval.py)
+bash scripts/setup_tools_env.sh  # lmms-eval and img2dataset in .venv/tools, layered over .venv
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"

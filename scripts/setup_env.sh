@@ -27,9 +27,6 @@ fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -r requirements.txt
 .venv/bin/python -m pip install --quiet --no-deps salesforce-lavis==1.0.2
-# img2dataset's metadata pins webdataset<0.3; it runs on our webdataset 1.0.2 and
-# opencv-python-headless 4.5.5.64 (its imports are in requirements.txt; tests/test_own_data_formats.py)
-.venv/bin/python -m pip install --quiet --no-deps img2dataset==1.47.0
 .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 .venv/bin/python -c "import lavis_vpgtrans" # fail here, not in the tests, if the stack is broken
 stamp_of > .venv/.installed

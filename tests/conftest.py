@@ -59,9 +59,12 @@ def plugin(toy_zoo):
 # The slowest test files, slowest first (measured in a two-worker run): pytest-xdist hands out
 # files in collection order, so starting these first lets the two workers finish together
 # instead of one of them starting a two-minute file at the end.
-SLOW_FILES = ("test_demo.py", "test_pformer_demo.py", "test_pformer_reconstruction.py", "test_recipe_scripts.py",
-              "test_toy_determinism.py", "test_sharding.py", "test_nonfinite.py", "test_train_cli.py",
-              "test_run_record.py", "test_own_data.py", "test_eval_configs.py", "test_recipe.py")
+SLOW_FILES = ("test_demo.py", "test_pformer_reconstruction.py", "test_pformer_demo.py", "test_recipe_scripts.py",
+              "test_nonfinite.py", "test_sharding.py", "test_own_data.py", "test_toy_determinism.py",
+              "test_train_cli.py", "test_own_data_scripts.py", "test_run_record.py", "test_eval_configs.py",
+              "test_own_data_formats.py", "test_recipe.py", "test_own_data_mixture.py", "test_pformer.py",
+              "test_eval_metrics.py", "test_real_tokenizers.py", "test_lmms_eval.py", "test_vicuna_chat.py",
+              "test_lora.py")
 
 
 def pytest_collection_modifyitems(items):

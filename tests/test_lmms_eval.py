@@ -4,11 +4,11 @@ In this environment (no lmms-eval): the adapter behind the lmms-eval model class
 zoo models: batched generate_until equals unbatched for prompts of different lengths, and
 loglikelihood equals a direct computation with the transformers LLM.
 
-In the lmms-eval environment (scripts/setup_lmms_env.sh builds .venv/lmms-eval): lmms-eval's own
+In the tools environment (scripts/setup_tools_env.sh builds .venv/tools): lmms-eval's own
 CLI runs the local task YAMLs (projects/lmms_eval/tasks/) over the toy world's VQA val split, no
 hub: the generation task's answers and accuracy equal evaluate.py's on the same questions and
 model, and the multiple-choice task's choices equal evaluate.py's run.inference_method=rank.
-Skipped when that environment is absent, unless VPGTRANS_REQUIRE_LMMS is set (CI builds it).
+Skipped when that environment is absent, unless VPGTRANS_REQUIRE_TOOLS is set (CI builds it).
 """
 
 import glob
@@ -22,7 +22,7 @@ import pytest
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LMMS_PYTHON = os.path.join(REPO, ".venv", "lmms-eval", "bin", "python")
+LMMS_PYTHON = os.path.join(REPO, ".venv", "tools", "bin", "python")
 TASKS = os.path.join(REPO, "projects", "lmms_eval", "tasks", "vpgtrans_vqa")
 # Prompts of different lengths (in tokens), so that a batch pads them
 QUESTIONS = ["what color is the circle?", "how many squares are there at the top?",
@@ -100,9 +100,9 @@ def test_loglikelihood_equals_a_direct_computation(adapter):
 def lmms_env_or_skip():
     if os.path.exists(LMMS_PYTHON):
         return LMMS_PYTHON
-    if os.environ.get("VPGTRANS_REQUIRE_LMMS"):
-        pytest.fail(f"VPGTRANS_REQUIRE_LMMS is set but {LMMS_PYTHON} is missing: run scripts/setup_lmms_env.sh")
-    pytest.skip("the lmms-eval environment is not built (scripts/setup_lmms_env.sh)")
+    if os.environ.get("VPGTRANS_REQUIRE_TOOLS"):
+        pytest.fail(f"VPGTRANS_REQUIRE_TOOLS is set but {LMMS_PYTHON} is missing: run scripts/setup_tools_env.sh")
+    pytest.skip("the tools environment with lmms-eval is not built (scripts/setup_tools_env.sh)")
 
 
 def our_evaluate(tmp_path, ckpt, inference_method):

@@ -68,8 +68,9 @@ def shards(tmp_path_factory, toy_data):
         with open(root / "urls.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        img2dataset = os.path.join(os.path.dirname(sys.executable), "img2dataset")
-        assert os.path.isfile(img2dataset), "img2dataset is not installed (scripts/setup_env.sh installs it)"
+        # img2dataset lives in .venv/tools (its wandb import would slow every `import lavis` in .venv)
+        img2dataset = os.path.join(REPO, ".venv", "tools", "bin", "img2dataset")
+        assert os.path.isfile(img2dataset), f"{img2dataset} is missing: run scripts/setup_tools_env.sh"
         proc = subprocess.run(
             [img2dataset, "--url_list", str(root / "urls.jsonl"), "--input_format", "jsonl", "--url_col", "url",
              "--caption_col", "caption", "--save_additional_columns", "['references','question','answer']",

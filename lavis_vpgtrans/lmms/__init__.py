@@ -10,7 +10,7 @@
 
 lmms-eval finds the models through the entry point group `lmms_eval.models` (setup.py), which
 calls `manifests()`. lmms-eval 0.7.3 and its dependencies live in a separate environment
-layered over .venv (scripts/setup_lmms_env.sh says why).
+layered over .venv (.venv/tools: scripts/setup_tools_env.sh says why).
 """
 
 # lmms-eval model name -> class in model.py

@@ -6,6 +6,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-bash scripts/setup_tools_env.sh  # lmms-eval and img2dataset in .venv/tools, layered over .venv
+# lmms-eval and img2dataset in .venv/tools, layered over .venv: built while the suite runs (two
+# test files use it; they wait for the exit status written below, tests/helpers.py)
+export VPGTRANS_TOOLS_BUILD_STATUS=$PWD/.venv/tools-build.status
+rm -f "$VPGTRANS_TOOLS_BUILD_STATUS"
+(bash scripts/setup_tools_env.sh > .venv/tools-build.log 2>&1; echo $? > "$VPGTRANS_TOOLS_BUILD_STATUS") &
+tools_build=$!
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-exec .venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@"
+status=0
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests "$@" || status=$?
+wait "$tools_build" || true
+exit "$status"

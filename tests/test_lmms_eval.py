@@ -19,6 +19,8 @@ import subprocess
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import wait_for_tools_env
 import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,6 +100,7 @@ def test_loglikelihood_equals_a_direct_computation(adapter):
 
 
 def lmms_env_or_skip():
+    wait_for_tools_env()
     if os.path.exists(LMMS_PYTHON):
         return LMMS_PYTHON
     if os.environ.get("VPGTRANS_REQUIRE_TOOLS"):

@@ -21,6 +21,8 @@ import threading
 from types import SimpleNamespace
 
 import pytest
+
+from helpers import wait_for_tools_env
 from test_own_data import (OWN_CONFIGS, REPO, build, builder, result_file, run, small_images, splits,
                            train_and_evaluate, write_config)
 
@@ -69,6 +71,7 @@ def shards(tmp_path_factory, toy_data):
             for row in rows:
                 f.write(json.dumps(row) + "\n")
         # img2dataset lives in .venv/tools (its wandb import would slow every `import lavis` in .venv)
+        wait_for_tools_env()
         img2dataset = os.path.join(REPO, ".venv", "tools", "bin", "img2dataset")
         assert os.path.isfile(img2dataset), f"{img2dataset} is missing: run scripts/setup_tools_env.sh"
         proc = subprocess.run(

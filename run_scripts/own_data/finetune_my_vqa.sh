@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
-source run_scripts/vpgtrans/_miniature.sh
+MINIATURE_PAPER_DATA=0 source run_scripts/vpgtrans/_miniature.sh
 CFG=projects/own_data/vqa_json.yaml
 if [ "$MINIATURE" = 1 ]; then
   MY_DATA=${MY_DATA:-$PWD/output/own_data/miniature}

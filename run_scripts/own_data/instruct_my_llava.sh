@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
-source run_scripts/vpgtrans/_miniature.sh
+MINIATURE_PAPER_DATA=0 source run_scripts/vpgtrans/_miniature.sh
 CFG=projects/own_data/instruct_llava.yaml
 MODEL_TYPE=vl_vicuna7b CHAT_OPTIONS=()
 if [ "$MINIATURE" = 1 ]; then

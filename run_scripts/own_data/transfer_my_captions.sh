@@ -12,7 +12,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-python}
-source run_scripts/vpgtrans/_miniature.sh
+MINIATURE_PAPER_DATA=0 source run_scripts/vpgtrans/_miniature.sh
 SRC_LLM=${SRC_LLM:-facebook/opt-2.7b}
 SOURCE_CKPT=${SOURCE_CKPT:-https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained_opt2.7b.pth}
 TGT_ARCH=${TGT_ARCH:-blip2_opt_transfer}

@@ -6,7 +6,11 @@ MINIATURE=${VPGTRANS_MINIATURE:-0}
 if [ "$MINIATURE" = 1 ]; then
   NPROC=${NPROC:-1}
   DATA=${DATA:-$PWD/output/vpgtrans/miniature/data}  # absolute: a relative data_root resolves against LAVIS's cache_root
-  ZOO=$($PY run_scripts/vpgtrans/miniature.py data "$DATA")
+  if [ "${MINIATURE_PAPER_DATA:-1}" = 1 ]; then
+    ZOO=$($PY run_scripts/vpgtrans/miniature.py data "$DATA")
+  else  # the own-data scripts read no paper dataset: the zoo alone
+    ZOO=$($PY run_scripts/vpgtrans/miniature.py zoo)
+  fi
 fi
 
 # train CFG [OPTION ...]: train.py under torchrun, with the miniature's options when switched on

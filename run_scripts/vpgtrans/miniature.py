@@ -7,6 +7,8 @@ so that their commands, configs and paths run as written, on the toy zoo, on CPU
         benchmarks; prints the toy zoo's directory (its LLMs stand in for the hub ids)
     python run_scripts/vpgtrans/miniature.py source ARCH MODEL_TYPE OUT
         a source BLIP-2 checkpoint (untrained toy model: VPG + projector) for a transfer script
+    python run_scripts/vpgtrans/miniature.py zoo
+        prints the toy zoo's directory (built on first use)
     python run_scripts/vpgtrans/miniature.py own-data DIR
         "your own data" for run_scripts/own_data/ (README, "Your own data"), in the layouts the
         own_data configs document: DIR/captions (train.jsonl, val.json with reference lists),
@@ -240,6 +242,10 @@ def options(cfg_path: str, script_options) -> list:
 def main(argv) -> None:
     if len(argv) >= 2 and argv[0] == "data":
         print(write_data(argv[1]))
+    elif argv == ["zoo"]:
+        from lavis_vpgtrans.toy import zoo
+
+        print(zoo.ensure_zoo())
     elif len(argv) == 2 and argv[0] == "own-data":
         write_own_data(argv[1])
     elif len(argv) == 4 and argv[0] == "source":
@@ -247,7 +253,7 @@ def main(argv) -> None:
     elif len(argv) >= 2 and argv[0] == "options":
         print("\n".join(options(argv[1], argv[2:])))
     else:
-        fail(f"usage: data DIR | own-data DIR | source ARCH MODEL_TYPE OUT | options CFG [OPTION ...] (got {argv})")
+        fail(f"usage: data DIR | zoo | own-data DIR | source ARCH MODEL_TYPE OUT | options CFG [OPTION ...] (got {argv})")
 
 
 if __name__ == "__main__":

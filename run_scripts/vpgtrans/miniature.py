@@ -82,15 +82,21 @@ def write_data(out: str) -> str:
         os.makedirs(os.path.dirname(os.path.join(tmp, image_dir)), exist_ok=True)
         os.symlink(images, os.path.join(tmp, image_dir))
     os.symlink(os.path.join(root, "laion_coco"), os.path.join(tmp, "laion_coco"))
+    publish(tmp, out, root)  # READY names the zoo it was made from
+    return root
+
+
+def publish(tmp: str, out: str, ready: str) -> None:
+    """Marks the directory built in `tmp` READY (holding `ready`) and renames it to `out`: scripts
+    may build it at the same time, and the first rename wins."""
     with open(os.path.join(tmp, "READY"), "w") as f:
-        f.write(root)  # the zoo it was made from
+        f.write(ready)
     try:
         os.rename(tmp, out)
     except OSError:  # another script's build is there
         if not os.path.isfile(os.path.join(out, "READY")):
             raise
         shutil.rmtree(tmp)
-    return root
 
 
 def write_own_data(out: str) -> None:
@@ -137,14 +143,7 @@ def write_own_data(out: str) -> None:
                 json.dump(records, f)
     for part in ("captions", "vqa", "instruct"):
         os.symlink(os.path.join(data, "images"), os.path.join(tmp, part, "images"))
-    with open(os.path.join(tmp, "READY"), "w") as f:
-        f.write(data)
-    try:
-        os.rename(tmp, out)
-    except OSError:  # another script's build is there
-        if not os.path.isfile(os.path.join(out, "READY")):
-            raise
-        shutil.rmtree(tmp)
+    publish(tmp, out, data)
 
 
 def write_source(arch: str, model_type: str, out: str) -> None:
